@@ -1,0 +1,48 @@
+"""The ``zoo`` command line. Only this package imports click.
+
+Each command parses its options, calls one library function that works without click,
+and prints. Library code raises ``UserInputError`` for bad input; ``ZooGroup`` turns
+it into a one-line message (no traceback) and exit status 1.
+"""
+
+from __future__ import annotations
+
+import click
+
+from zoo import __version__
+from zoo.errors import UserInputError
+
+
+class ZooGroup(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserInputError as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=ZooGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="zoo")
+def main():
+    """Fine-tune diverse timm backbones, measure how alike their predictions are, and
+    fit a weighted ensemble of them.
+
+    \b
+    zoo finetune convnext_tiny.fb_in22k --data data/ --out runs/convnext
+    zoo finetune efficientnet_b2        --data data/ --out runs/effb2
+    zoo correlate runs/*
+    zoo ensemble fit runs/* --out ens.json
+    zoo ensemble predict ens.json --data new_images/ --out preds.csv
+    """
+
+
+def _register() -> None:
+    # Imported here so that each module's commands attach to ``main`` once.
+    from zoo.cli import ensemble_commands, finetune_commands  # noqa: F401
+
+    for module in (finetune_commands, ensemble_commands):
+        for command in module.COMMANDS:
+            main.add_command(command)
+
+
+_register()

@@ -1,0 +1,3 @@
+"""``zoo correlate`` and ``zoo ensemble fit|predict`` (being written)."""
+
+COMMANDS: list = []

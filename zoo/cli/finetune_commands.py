@@ -1,0 +1,3 @@
+"""``zoo finetune``, ``zoo predict`` and ``zoo lr-find`` (being written)."""
+
+COMMANDS: list = []

@@ -1,0 +1,212 @@
+"""The prediction file: the one module that reads and writes it.
+
+A prediction file is a ``.safetensors`` file with tensors ``logits`` (float32 [N, C];
+with test-time augmentation, the log of the mean probability) and ``labels`` (int64
+[N], -1 where unknown), and string metadata ``ids`` (JSON list, one per row),
+``classes`` (JSON list), ``backbone``, ``run``, ``split``, ``tta`` and ``format``.
+
+Only numpy is needed here: the ensemble commands read prediction files without torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from zoo import atomic
+from zoo.errors import UserInputError
+from zoo.rundir import RunDir
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Predictions:
+    logits: np.ndarray
+    labels: np.ndarray
+    ids: list[str]
+    classes: list[str]
+    backbone: str = ""
+    run: str = ""
+    split: str = ""
+    tta: int = 1
+    source: str = field(default="", compare=False)  # where it was read from; not stored
+
+    def __post_init__(self):
+        self.logits = np.asarray(self.logits, dtype=np.float32)
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        self.ids = [str(i) for i in self.ids]
+        self.classes = [str(c) for c in self.classes]
+        _validate(self, self.source or "<predictions>")
+
+    @property
+    def name(self) -> str:
+        """A short label for tables: the run folder's name, else the file's stem."""
+        if self.run:
+            return Path(self.run).name
+        return Path(self.source).stem if self.source else self.backbone
+
+    def probabilities(self) -> np.ndarray:
+        z = self.logits.astype(np.float64)
+        z = z - z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        return p / p.sum(axis=1, keepdims=True)
+
+    def log_probabilities(self) -> np.ndarray:
+        z = self.logits.astype(np.float64)
+        z = z - z.max(axis=1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+    def take(self, order: Sequence[int]) -> "Predictions":
+        order = np.asarray(order, dtype=np.int64)
+        return Predictions(
+            logits=self.logits[order], labels=self.labels[order], ids=[self.ids[i] for i in order],
+            classes=self.classes, backbone=self.backbone, run=self.run, split=self.split,
+            tta=self.tta, source=self.source,
+        )
+
+
+def _validate(p: Predictions, where: str) -> None:
+    if p.logits.ndim != 2:
+        raise UserInputError(f"{where}: logits must be 2-D [N, C], got shape {tuple(p.logits.shape)}")
+    n, c = p.logits.shape
+    if p.labels.shape != (n,):
+        raise UserInputError(f"{where}: labels must have shape ({n},) to match logits {tuple(p.logits.shape)}, got {tuple(p.labels.shape)}")
+    if len(p.ids) != n:
+        raise UserInputError(f"{where}: {len(p.ids)} ids for {n} rows of logits; the file is inconsistent, write it again")
+    if len(p.classes) != c:
+        raise UserInputError(f"{where}: {len(p.classes)} classes for {c} columns of logits; the file is inconsistent, write it again")
+    if len(set(p.classes)) != c:
+        raise UserInputError(f"{where}: duplicated class names {sorted(p.classes)}")
+    if len(set(p.ids)) != n:
+        seen, dup = set(), None
+        for i in p.ids:
+            if i in seen:
+                dup = i
+                break
+            seen.add(i)
+        raise UserInputError(f"{where}: sample id {dup!r} appears more than once; each row needs its own id")
+    if not np.all(np.isfinite(p.logits)):
+        row = int(np.argwhere(~np.isfinite(p.logits))[0][0])
+        raise UserInputError(f"{where}: logits contain NaN or infinity (first at row {row}, id {p.ids[row]!r}); predict again")
+    bad = (p.labels < -1) | (p.labels >= c)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise UserInputError(f"{where}: label {int(p.labels[row])} at row {row} is outside -1..{c - 1}")
+
+
+def write_predictions(path: str | os.PathLike, preds: Predictions) -> Path:
+    """Write ``preds`` to ``path`` atomically."""
+    from safetensors.numpy import save_file
+
+    metadata = {
+        "ids": json.dumps(preds.ids),
+        "classes": json.dumps(preds.classes),
+        "backbone": preds.backbone,
+        "run": preds.run,
+        "split": preds.split,
+        "tta": str(int(preds.tta)),
+        "format": str(FORMAT_VERSION),
+    }
+    tensors = {"logits": np.ascontiguousarray(preds.logits, dtype=np.float32),
+               "labels": np.ascontiguousarray(preds.labels, dtype=np.int64)}
+    return atomic.write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def read_predictions(path: str | os.PathLike) -> Predictions:
+    """Read and check one prediction file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"{path}: no such prediction file; pass a .safetensors file written by zoo, or a run directory")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            keys = set(f.keys())
+            missing = {"logits", "labels"} - keys
+            if missing:
+                raise UserInputError(f"{path}: not a zoo prediction file (missing tensors {sorted(missing)}; found {sorted(keys)})")
+            logits, labels = f.get_tensor("logits"), f.get_tensor("labels")
+    except UserInputError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for foreign or broken files
+        raise UserInputError(
+            f"{path}: not a readable safetensors file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}); "
+            "zoo reads only prediction files it wrote (never pickles)"
+        ) from None
+    for key in ("ids", "classes"):
+        if key not in meta:
+            raise UserInputError(f"{path}: not a zoo prediction file (metadata {key!r} missing)")
+    fmt = int(meta.get("format", "0") or 0)
+    if fmt > FORMAT_VERSION:
+        raise UserInputError(f"{path}: prediction file format {fmt} is newer than this zoo understands ({FORMAT_VERSION}); upgrade zoo")
+    try:
+        ids, classes = json.loads(meta["ids"]), json.loads(meta["classes"])
+    except json.JSONDecodeError as e:
+        raise UserInputError(f"{path}: metadata ids/classes are not JSON lists ({e})") from None
+    if logits.dtype != np.float32 or labels.dtype != np.int64:
+        raise UserInputError(f"{path}: expected float32 logits and int64 labels, got {logits.dtype} and {labels.dtype}")
+    return Predictions(
+        logits=logits, labels=labels, ids=ids, classes=classes, backbone=meta.get("backbone", ""),
+        run=meta.get("run", ""), split=meta.get("split", ""), tta=int(meta.get("tta", "1") or 1),
+        source=str(path),
+    )
+
+
+def load_predictions(source: str | os.PathLike, split: str = "val") -> Predictions:
+    """Read a prediction file, or the ``split`` predictions of a run directory."""
+    source = Path(source)
+    if source.is_dir():
+        run = RunDir(source)
+        if not run.is_run():
+            raise UserInputError(f"{source}: neither a prediction file nor a zoo run directory (no config.json)")
+        path = run.predictions(split)
+        if not path.is_file():
+            raise UserInputError(f"{source}: the run has no {split} predictions ({path} is missing); run `zoo predict {source} --split {split}` first")
+        return read_predictions(path)
+    return read_predictions(source)
+
+
+def align_predictions(preds: Sequence[Predictions]) -> list[Predictions]:
+    """Put every member's rows in the first one's id order; refuse mismatched files.
+
+    All files must have the same classes in the same order and the same set of ids.
+    """
+    if not preds:
+        raise UserInputError("no prediction files given")
+    first = preds[0]
+    out = [first]
+    for other in preds[1:]:
+        if other.classes != first.classes:
+            raise UserInputError(
+                f"{other.source or other.name}: classes {other.classes} differ from {first.source or first.name}'s {first.classes}; "
+                "members must be trained on the same classes"
+            )
+        if other.ids == first.ids:
+            out.append(other)
+            continue
+        index = {sid: i for i, sid in enumerate(other.ids)}
+        missing = next((sid for sid in first.ids if sid not in index), None)
+        if missing is not None or len(other.ids) != len(first.ids):
+            extra = next((sid for sid in other.ids if sid not in set(first.ids)), None)
+            differing = missing if missing is not None else extra
+            raise UserInputError(
+                f"{other.source or other.name} and {first.source or first.name} hold different samples "
+                f"({len(other.ids)} vs {len(first.ids)} ids; first differing id {differing!r}); "
+                "predict every member on the same split"
+            )
+        aligned = other.take([index[sid] for sid in first.ids])
+        if not np.array_equal(aligned.labels, first.labels):
+            row = int(np.argmax(aligned.labels != first.labels))
+            raise UserInputError(
+                f"{other.source or other.name}: label of id {first.ids[row]!r} is {int(aligned.labels[row])}, "
+                f"but {int(first.labels[row])} in {first.source or first.name}"
+            )
+        out.append(aligned)
+    return out

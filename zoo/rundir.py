@@ -1,0 +1,82 @@
+"""The run directory of ``zoo finetune --out RUN``: every path in it is built here."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from zoo.errors import UserInputError
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    def __init__(self, root: str | os.PathLike):
+        object.__setattr__(self, "root", Path(root))
+
+    # Files named in DESIGN.md.
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model.safetensors"
+
+    @property
+    def resume_state(self) -> Path:
+        return self.root / "last.pt"
+
+    @property
+    def metrics_csv(self) -> Path:
+        return self.root / "metrics.csv"
+
+    @property
+    def metrics_png(self) -> Path:
+        return self.root / "metrics.png"
+
+    @property
+    def predictions_dir(self) -> Path:
+        return self.root / "predictions"
+
+    def predictions(self, split: str = "val") -> Path:
+        return self.predictions_dir / f"{split}.safetensors"
+
+    # Reports of the best epoch.
+    @property
+    def skipped_images(self) -> Path:
+        return self.root / "skipped_images.txt"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.json"
+
+    @property
+    def worst_errors(self) -> Path:
+        return self.root / "worst_val_errors.csv"
+
+    @property
+    def confusion_csv(self) -> Path:
+        return self.root / "confusion_matrix.csv"
+
+    @property
+    def splits(self) -> Path:
+        return self.root / "splits.json"
+
+    def is_run(self) -> bool:
+        return self.config.is_file()
+
+    def read_config(self) -> dict[str, Any]:
+        if not self.config.is_file():
+            raise UserInputError(
+                f"{self.root}: not a zoo run directory (no config.json); "
+                "pass the --out folder of a `zoo finetune` run"
+            )
+        try:
+            return json.loads(self.config.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise UserInputError(f"{self.config}: not valid JSON ({e}); re-run `zoo finetune` or restore the file") from None
