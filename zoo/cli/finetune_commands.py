@@ -1,3 +1,122 @@
-"""``zoo finetune``, ``zoo predict`` and ``zoo lr-find`` (being written)."""
+"""``zoo finetune``, ``zoo predict`` and ``zoo lr-find``.
 
-COMMANDS: list = []
+``finetune``'s options are built from ``FinetuneConfig``'s fields, so each option's
+default and help live in one place (``finetune/config.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+import click
+
+from finetune.config import FinetuneConfig
+
+
+def _config_options(func):
+    """Add one click option per FinetuneConfig field (except those marked cli=False)."""
+    hints = typing.get_type_hints(FinetuneConfig)
+    for f in reversed(dataclasses.fields(FinetuneConfig)):
+        meta = f.metadata
+        if meta.get("cli") is False:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        args = typing.get_args(hint)
+        base = next((a for a in args if a is not type(None)), hint) if args else hint
+        help_text = meta["help"] + (f"  [default: {f.default}]" if f.default is not None and base is not bool else "")
+        if base is bool or hint == (bool | None):
+            names = f"{flag}/--no-{flag[2:]}"
+            func = click.option(names, f.name, default=f.default, help=meta["help"] + (" [default: on]" if f.default else ""))(func)
+        elif typing.get_origin(base) is tuple:
+            func = click.option(flag, f.name, type=float, nargs=3, default=None, help=help_text)(func)
+        elif "choices" in meta:
+            func = click.option(flag, f.name, type=click.Choice(list(meta["choices"])), default=f.default, help=help_text)(func)
+        else:
+            func = click.option(flag, f.name, type=base, default=f.default, help=help_text)(func)
+    return func
+
+
+@click.command("finetune")
+@click.argument("backbone", required=False, default="")
+@click.option("--data", "data", type=click.Path(), default="", help="image folder (train/<class>/..., val/, test/) or CSV path,label[,split]")
+@click.option("--out", "out", type=click.Path(), required=True, help="run directory to write (or to resume)")
+@_config_options
+def finetune_command(**options):
+    """Fine-tune one pretrained timm backbone on an image dataset.
+
+    BACKBONE is any timm model name (weights from the hub; --weights FILE for a local
+    file). The first stage groups are frozen and the rest train at rates that fall from
+    the head (--lr) toward the stem (--layer-decay). The run directory gets config.json,
+    model.safetensors (the best epoch, loadable with plain timm), metrics.csv and
+    metrics.png, predictions/val.safetensors, and a report of the best epoch.
+
+    \b
+    zoo finetune convnext_tiny.fb_in22k --data data/ --out runs/convnext
+    zoo finetune tf_efficientnet_lite0 --weights lite0.pth --data data/ --out runs/lite0
+    zoo finetune --resume --out runs/convnext
+    """
+    from finetune.train import finetune
+
+    cfg = FinetuneConfig(**options)
+    if not cfg.resume and not cfg.data:
+        raise click.UsageError("--data is required (an image folder or a CSV)")
+    if not cfg.resume and not cfg.backbone:
+        raise click.UsageError("BACKBONE is required, e.g. `zoo finetune resnet50 --data DIR --out RUN`")
+    result = finetune(cfg)
+    click.echo(f"{result.run.root}\tbest_epoch={result.best_epoch}\tval_loss={result.best_val_loss:.4f}\t"
+               f"val_accuracy={result.best_val_accuracy:.4f}\t{result.stopped}")
+
+
+@click.command("predict")
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.option("--data", required=True, type=click.Path(exists=True), help="dataset folder, CSV, or any folder of images")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test", "all"]),
+              help="which split of --data; 'all' predicts every image under it")
+@click.option("--out", required=True, type=click.Path(), help="prediction file to write (.safetensors)")
+@click.option("--tta", default=1, show_default=True, help="test-time augmentation views (1: none; 2: + flip; up to 6 with zooms)")
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--device", default=None, help="cuda, cpu ... (default: cuda when present)")
+def predict_command(run, data, split, out, tta, batch_size, device):
+    """Predict images with a run's best model and write a prediction file."""
+    from finetune.engine import log_loss_and_accuracy, stderr_log
+    from finetune.inference import predict_run
+    from zoo.predictions import write_predictions
+
+    preds = predict_run(run, data, split=split, tta=tta, batch_size=batch_size, device=device, log=stderr_log)
+    write_predictions(out, preds)
+    loss, acc = log_loss_and_accuracy(preds.logits, preds.labels)
+    known = int((preds.labels >= 0).sum())
+    scores = f"\tlog_loss={loss:.4f}\taccuracy={acc:.4f} ({known} labelled)" if known else ""
+    click.echo(f"{out}\t{len(preds.ids)} images{scores}")
+
+
+@click.command("lr-find")
+@click.argument("backbone")
+@click.option("--data", required=True, type=click.Path(exists=True), help="image folder or CSV")
+@click.option("--out", "plot", default="lr_find.png", show_default=True, type=click.Path(), help="PNG of the curve")
+@click.option("--start-lr", default=1e-7, show_default=True)
+@click.option("--end-lr", default=10.0, show_default=True)
+@click.option("--steps", default=100, show_default=True, help="number of updates in the sweep")
+@click.option("--weights", default=None, type=click.Path(), help="local weights file instead of the hub")
+@click.option("--pretrained/--no-pretrained", default=True)
+@click.option("--freeze", default=FinetuneConfig.freeze, show_default=True, help="stage groups frozen, as in finetune")
+@click.option("--layer-decay", default=FinetuneConfig.layer_decay, show_default=True)
+@click.option("--batch-size", default=FinetuneConfig.batch_size, show_default=True)
+@click.option("--input-size", default=None, type=int)
+@click.option("--optimizer", default=FinetuneConfig.optimizer, type=click.Choice(["adamw", "sgd"]), show_default=True)
+@click.option("--workers", default=None, type=int)
+@click.option("--device", default=None)
+@click.option("--seed", default=0, show_default=True)
+def lr_find_command(backbone, data, plot, start_lr, end_lr, steps, **options):
+    """Learning-rate range test: sweep the head's rate, plot the loss, suggest a rate."""
+    from finetune.lr_find import lr_find
+
+    cfg = FinetuneConfig(backbone=backbone, data=data, **options)
+    result = lr_find(cfg, start_lr=start_lr, end_lr=end_lr, steps=steps, plot=plot)
+    click.echo(f"suggested --lr {result.suggestion:.2g} (valley); steepest {result.steepest:.2g}; "
+               f"minimum/10 {result.minimum_over_10:.2g}; {len(result.lrs)} steps; plot: {plot}")
+
+
+COMMANDS = [finetune_command, predict_command, lr_find_command]

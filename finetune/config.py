@@ -1,0 +1,128 @@
+"""Every option of a fine-tuning run, its default and its help: the one place for each.
+
+The CLI builds ``zoo finetune``'s options from these fields, and ``config.json``
+records them. Defaults are a fine-tuning recipe for a pretrained backbone on a small
+or medium dataset (AdamW, a short warmup then cosine, the stem and first stage frozen,
+lower rates toward the stem), not timm train.py's ImageNet-from-scratch defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+OPTIMIZERS = {"adamw": "AdamW (decoupled weight decay)", "sgd": "SGD with Nesterov momentum 0.9"}
+SCHEDULES = {"cosine": "warmup then cosine decay (SGDR restarts with --restarts)",
+             "constant": "warmup then a constant rate"}
+BALANCE = {"none": "plain loss", "loss": "loss weights 1/sqrt(class count), normalised to mean 1",
+           "sampler": "sample each class equally often"}
+MONITORS = {"loss": "validation log loss (lower is better)", "accuracy": "validation accuracy (higher is better)"}
+
+
+def option(default: Any, help: str, **cli: Any):
+    """A config field with its help text (and click extras such as ``choices``)."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
+@dataclass
+class FinetuneConfig:
+    backbone: str = option("", "timm model name, e.g. convnext_tiny.fb_in22k", cli=False)
+    data: str = option("", "image folder (train/<class>/...) or CSV path,label[,split]", cli=False)
+    out: str = option("", "run directory to write", cli=False)
+
+    # Weights.
+    weights: str | None = option(None, "local weights file (.safetensors or torch state dict) instead of the hub")
+    pretrained: bool = option(True, "start from pretrained weights (hub or --weights); --no-pretrained for random init")
+
+    # Length and batch.
+    epochs: int = option(10, "maximum number of epochs")
+    batch_size: int = option(32, "images per optimizer step (before --accum-steps)")
+    accum_steps: int = option(1, "accumulate gradients over this many batches per step")
+    patience: int | None = option(5, "stop after this many epochs without improving --monitor (0: never)")
+    monitor: str = option("loss", "validation metric that picks the best epoch", choices=MONITORS)
+
+    # Frozen stages and learning rates.
+    freeze: int = option(2, "freeze the first N stage groups (stem, then stages) as timm's group_matcher defines them")
+    unfreeze_at: int | None = option(None, "from this epoch on, unfreeze one more group per epoch, last frozen first (ULMFiT)")
+    lr: float = option(1e-3, "learning rate of the head")
+    layer_decay: float = option(0.75, "each stage group below the head trains at this fraction of the one above")
+    backbone_lr_mult: float = option(1.0, "extra multiplier on every backbone group's rate (e.g. 0.1)")
+    optimizer: str = option("adamw", "optimizer", choices=OPTIMIZERS)
+    weight_decay: float = option(0.05, "weight decay (not on norms and biases)")
+    schedule: str = option("cosine", "learning-rate schedule", choices=SCHEDULES)
+    warmup_epochs: float = option(1.0, "linear warmup length in epochs (before the schedule's peak)")
+    min_lr_ratio: float = option(0.01, "cosine ends at this fraction of each group's rate")
+    restarts: int = option(0, "cosine restarts (SGDR): the epochs are split into restarts+1 cycles")
+    clip_grad: float | None = option(None, "clip the gradient norm to this value")
+
+    # Regularisation and augmentation (timm's transforms).
+    label_smoothing: float = option(0.1, "label smoothing of the training loss")
+    auto_augment: str = option("rand-m7-mstd0.5-inc1", "timm auto-augment policy ('none' to turn off)")
+    crop_scale: float = option(0.35, "smallest area fraction of the random resized crop")
+    hflip: float = option(0.5, "horizontal flip probability")
+    mixup: float = option(0.0, "mixup alpha (0: off)")
+    cutmix: float = option(0.0, "cutmix alpha (0: off)")
+    drop_path: float | None = option(None, "stochastic depth rate (model default if unset)")
+    ema: bool = option(False, "keep an exponential moving average of the weights and evaluate it")
+    ema_decay: float = option(0.998, "EMA decay per step")
+    balance: str = option("none", "class imbalance handling", choices=BALANCE)
+
+    # Data.
+    val_fraction: float = option(0.2, "validation fraction taken from train when there is no val split")
+    val_from_train: bool = option(False, "take validation from train even if val/ exists (val/ then becomes the test set)")
+    input_size: int | None = option(None, "input size (default: the model's pretrained config)")
+    mean: tuple[float, float, float] | None = option(None, "normalisation mean, 3 values (default: the model's)")
+    std: tuple[float, float, float] | None = option(None, "normalisation std, 3 values (default: the model's)")
+    interpolation: str | None = option(None, "resize interpolation (default: the model's)", choices={"bilinear": "", "bicubic": "", "nearest": ""})
+    crop_pct: float | None = option(None, "eval center-crop fraction (default: the model's)")
+    allow_outside_root: bool = option(False, "allow CSV paths outside the CSV's folder")
+    workers: int | None = option(None, "data-loading processes (default: min(8, CPU count))")
+
+    # Hardware and reproducibility.
+    device: str | None = option(None, "cuda, cpu, cuda:1 ... (default: cuda when present)")
+    amp: bool | None = option(None, "mixed precision (default: on with CUDA; bf16 where supported, else fp16)")
+    channels_last: bool | None = option(None, "channels-last memory format (default: on with CUDA)")
+    compile: bool = option(False, "torch.compile the model")
+    seed: int = option(0, "random seed (data order, augmentation, head init, validation split)")
+    resume: bool = option(False, "continue the run in --out from its last finished epoch")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "FinetuneConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in names})
+
+    def validate(self) -> "FinetuneConfig":
+        from zoo.errors import UserInputError
+
+        checks = [
+            (self.epochs >= 1, "--epochs", "at least 1", self.epochs),
+            (self.batch_size >= 1, "--batch-size", "at least 1", self.batch_size),
+            (self.accum_steps >= 1, "--accum-steps", "at least 1", self.accum_steps),
+            (self.freeze >= 0, "--freeze", "0 or more", self.freeze),
+            (self.lr > 0, "--lr", "a positive number", self.lr),
+            (0 < self.layer_decay <= 1, "--layer-decay", "in (0, 1]", self.layer_decay),
+            (self.backbone_lr_mult > 0, "--backbone-lr-mult", "a positive number", self.backbone_lr_mult),
+            (self.weight_decay >= 0, "--weight-decay", "0 or more", self.weight_decay),
+            (self.warmup_epochs >= 0, "--warmup-epochs", "0 or more", self.warmup_epochs),
+            (0 <= self.min_lr_ratio <= 1, "--min-lr-ratio", "in [0, 1]", self.min_lr_ratio),
+            (self.restarts >= 0, "--restarts", "0 or more", self.restarts),
+            (0 <= self.label_smoothing < 1, "--label-smoothing", "in [0, 1)", self.label_smoothing),
+            (0 < self.crop_scale <= 1, "--crop-scale", "in (0, 1]", self.crop_scale),
+            (0 < self.ema_decay < 1, "--ema-decay", "in (0, 1)", self.ema_decay),
+            (self.patience is None or self.patience >= 0, "--patience", "0 or more", self.patience),
+            (self.unfreeze_at is None or self.unfreeze_at >= 0, "--unfreeze-at", "an epoch, 0 or more", self.unfreeze_at),
+            (self.optimizer in OPTIMIZERS, "--optimizer", f"one of {list(OPTIMIZERS)}", self.optimizer),
+            (self.schedule in SCHEDULES, "--schedule", f"one of {list(SCHEDULES)}", self.schedule),
+            (self.balance in BALANCE, "--balance", f"one of {list(BALANCE)}", self.balance),
+            (self.monitor in MONITORS, "--monitor", f"one of {list(MONITORS)}", self.monitor),
+        ]
+        for ok, name, expected, got in checks:
+            if not ok:
+                raise UserInputError(f"{name} must be {expected}, got {got!r}")
+        if not self.backbone:
+            raise UserInputError("a backbone name is required, e.g. `zoo finetune resnet50 --data DIR --out RUN`")
+        return self

@@ -1,0 +1,255 @@
+"""Device, precision, loss, one training epoch and evaluation: the parts of the loop
+that the loop (``finetune.train``), the benchmark and lr-find share."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class Hardware:
+    device: torch.device
+    amp_dtype: torch.dtype | None  # None: full precision
+    channels_last: bool
+
+    @property
+    def needs_scaler(self) -> bool:
+        return self.amp_dtype == torch.float16
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def describe(self) -> str:
+        precision = {None: "fp32", torch.bfloat16: "bf16 mixed", torch.float16: "fp16 mixed + grad scaler"}[self.amp_dtype]
+        return f"{self.device} ({precision}{', channels-last' if self.channels_last else ''})"
+
+
+def resolve_hardware(device: str | None, amp: bool | None, channels_last: bool | None) -> Hardware:
+    """CUDA when present; there, mixed precision (bf16 where supported) and channels-last by default."""
+    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from zoo.errors import UserInputError
+
+        raise UserInputError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    on_gpu = dev.type == "cuda"
+    use_amp = on_gpu if amp is None else amp
+    amp_dtype = None
+    if use_amp:
+        amp_dtype = torch.bfloat16 if (not on_gpu or torch.cuda.is_bf16_supported()) else torch.float16
+    return Hardware(dev, amp_dtype, on_gpu if channels_last is None else channels_last)
+
+
+def seed_everything(seed: int, epoch: int = 0) -> torch.Generator:
+    """Seed every RNG from (seed, epoch); return the data-order generator of that epoch.
+
+    Each epoch starts from RNG states that depend only on the seed and the epoch, so a
+    run resumed at an epoch boundary continues exactly as an unbroken one.
+    """
+    value = (seed * 1_000_003 + epoch) % (2 ** 63)
+    random.seed(value)
+    np.random.seed(value % (2 ** 32))
+    torch.manual_seed(value)
+    return torch.Generator().manual_seed(value)
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross entropy against soft targets (smoothed or mixed labels), optionally class-weighted.
+
+    With weights it is ``sum(w_i * loss_i) / sum(w_i)`` with ``w_i`` the target-weighted
+    class weight, as torch's weighted cross entropy.
+    """
+    per_sample = -(targets * F.log_softmax(logits.float(), dim=1)).sum(dim=1)
+    if class_weights is None:
+        return per_sample.mean()
+    w = targets @ class_weights
+    return (per_sample * w).sum() / w.sum()
+
+
+def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
+    off = smoothing / num_classes
+    return torch.full((labels.shape[0], num_classes), off, device=labels.device).scatter_(
+        1, labels.unsqueeze(1), 1.0 - smoothing + off)
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    accuracy: float
+    images: int
+    seconds: float
+    updates: int
+    stopped_at: "EpochProgress | None" = None  # set when a stop was requested mid-epoch
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else float("nan")
+
+
+@dataclass
+class Trainer:
+    """What one optimisation step needs; ``train_epoch`` runs the steps of one epoch."""
+
+    model: torch.nn.Module  # what runs forward (possibly compiled or DDP-wrapped)
+    optimizer: torch.optim.Optimizer
+    scheduler: object | None  # a timm scheduler, stepped per update
+    hardware: Hardware
+    num_classes: int
+    label_smoothing: float = 0.0
+    class_weights: torch.Tensor | None = None
+    mixup: Callable | None = None  # timm.data.Mixup
+    accum_steps: int = 1
+    clip_grad: float | None = None
+    ema: object | None = None  # timm.utils.ModelEmaV3
+    num_updates: int = 0
+    scaler: torch.amp.GradScaler = field(init=False)
+
+    def __post_init__(self):
+        self.scaler = torch.amp.GradScaler(self.hardware.device.type, enabled=self.hardware.needs_scaler)
+
+    def _targets(self, images, labels):
+        if self.mixup is not None:
+            return self.mixup(images, labels)
+        return images, smooth_one_hot(labels, self.num_classes, self.label_smoothing)
+
+    def train_epoch(self, batches: Iterable, progress=None, stop_requested: Callable[[], bool] = lambda: False,
+                    resume_from: "EpochProgress | None" = None) -> "EpochStats":
+        """Train over ``batches``; stop early, at a step boundary, when ``stop_requested()``.
+
+        ``resume_from`` continues an epoch that was stopped part-way: its batches are
+        drawn (so data order and augmentation match) but not trained on again, and the
+        RNG states saved at the stop are restored before the next batch is drawn.
+        """
+        model, opt, hw = self.model, self.optimizer, self.hardware
+        done = resume_from or EpochProgress()
+        loss_sum = torch.tensor(done.loss_sum, device=hw.device, dtype=torch.float64)
+        correct = torch.tensor(done.correct, device=hw.device, dtype=torch.long)
+        seen, start, updates = done.seen, time.perf_counter(), 0
+        n_batches = len(batches)
+        opt.zero_grad(set_to_none=True)
+        iterator = iter(batches)
+        for _ in range(done.batches):
+            next(iterator)
+        if resume_from is not None and resume_from.rng is not None:
+            set_rng_state(resume_from.rng)
+        i = done.batches - 1
+        for i, (images, labels, _) in enumerate(iterator, start=done.batches):
+            images = images.to(hw.device, non_blocking=True)
+            labels = labels.to(hw.device, non_blocking=True)
+            if hw.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            images, targets = self._targets(images, labels)
+            with hw.autocast():
+                logits = model(images)
+            loss = soft_cross_entropy(logits, targets, self.class_weights)
+            self.scaler.scale(loss / self.accum_steps).backward()
+            last_of_step = (i + 1) % self.accum_steps == 0 or i + 1 == n_batches
+            if last_of_step:
+                if self.clip_grad is not None:
+                    self.scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"] if p.grad is not None], self.clip_grad)
+                self.scaler.step(opt)
+                self.scaler.update()
+                opt.zero_grad(set_to_none=True)
+                self.num_updates += 1
+                updates += 1
+                if self.scheduler is not None:
+                    self.scheduler.step_update(num_updates=self.num_updates)
+                if self.ema is not None:
+                    self.ema.update(getattr(model, "module", model), step=self.num_updates)
+            loss_sum += loss.detach().double() * labels.shape[0]
+            correct += (logits.detach().argmax(1) == labels).sum()
+            seen += labels.shape[0]
+            if progress is not None and (i % 10 == 9 or i + 1 == n_batches):
+                running = loss_sum.item() / seen  # a sync every 10 batches, not every step
+                if not math.isfinite(running):
+                    raise TrainingDiverged(f"training loss became {running} at batch {i + 1}")
+                progress(i + 1, n_batches, running, (seen - done.seen) / (time.perf_counter() - start))
+            if last_of_step and i + 1 < n_batches and stop_requested():
+                return EpochStats(loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1), seen - done.seen,
+                                  time.perf_counter() - start, updates,
+                                  stopped_at=EpochProgress(i + 1, loss_sum.item(), correct.item(), seen, get_rng_state()))
+        total = loss_sum.item() / max(seen, 1)
+        if not math.isfinite(total):
+            raise TrainingDiverged(f"training loss became {total}")
+        return EpochStats(total, correct.item() / max(seen, 1), seen - done.seen, time.perf_counter() - start, updates)
+
+
+@dataclass
+class EpochProgress:
+    """How far an epoch got before a stop: enough to continue it exactly."""
+
+    batches: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    rng: dict | None = None
+
+
+def get_rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [np.random.get_state()[0], torch.from_numpy(np.random.get_state()[1].copy())] + list(np.random.get_state()[2:])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, batches: Iterable, hardware: Hardware,
+                   views: tuple[Callable[[torch.Tensor], torch.Tensor], ...] = (lambda x: x,)) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (float32) and labels over ``batches``; with several views, log of the mean probability."""
+    model.eval()
+    out, labels_out = [], []
+    for images, labels, _ in batches:
+        images = images.to(hardware.device, non_blocking=True)
+        if hardware.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with hardware.autocast():
+            if len(views) == 1:
+                logits = model(views[0](images)).float()
+            else:
+                probs = torch.stack([model(view(images)).float().softmax(1) for view in views]).mean(0)
+                logits = probs.clamp_min(1e-12).log()
+        out.append(logits.cpu())
+        labels_out.append(labels)
+    return torch.cat(out).numpy().astype(np.float32), torch.cat(labels_out).numpy().astype(np.int64)
+
+
+def log_loss_and_accuracy(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    known = labels >= 0
+    if not known.any():
+        return float("nan"), float("nan")
+    z = logits[known].astype(np.float64)
+    z = z - z.max(1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    y = labels[known]
+    return float(-logp[np.arange(len(y)), y].mean()), float((logp.argmax(1) == y).mean())
+
+
+def stderr_log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,97 @@
+"""Differential learning rates, the optimizer and the schedule.
+
+Each stage group trains at ``lr * layer_decay ** depth * backbone_lr_mult`` where depth
+counts groups down from the head (head: ``lr``). The factor is stored as each param
+group's ``lr_scale`` and its ``lr`` is set to that rate at once; the schedule is always
+one of timm's schedulers, which multiply their value by ``lr_scale`` at every update
+(with a torch scheduler or none, ``lr_scale`` would be silently ignored).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler, StepLRScheduler
+from timm.scheduler.scheduler import Scheduler
+
+from zoo.backbones import StageGroup
+
+
+@dataclass(frozen=True)
+class GroupRate:
+    group: StageGroup
+    lr_scale: float
+
+
+def group_lr_scales(groups: list[StageGroup], layer_decay: float, backbone_lr_mult: float) -> list[GroupRate]:
+    last = len(groups) - 1
+    return [GroupRate(g, 1.0 if g.is_head else (layer_decay ** (last - g.index)) * backbone_lr_mult) for g in groups]
+
+
+def _no_weight_decay(model: torch.nn.Module) -> set[str]:
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    return skip
+
+
+def param_groups(model: torch.nn.Module, rates: list[GroupRate], lr: float, weight_decay: float) -> list[dict]:
+    """Two optimizer param groups per stage group (with and without weight decay).
+
+    Norm weights, biases and 1-D parameters (and the model's ``no_weight_decay``
+    names such as ViT's position embedding) get no weight decay.
+    """
+    params = dict(model.named_parameters())
+    skip = _no_weight_decay(model)
+    out = []
+    for rate in rates:
+        decay, no_decay = [], []
+        for name in rate.group.param_names:
+            p = params[name]
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(p)
+        for suffix, plist, wd in (("", decay, weight_decay), ("/no_decay", no_decay, 0.0)):
+            if plist:
+                out.append({"params": plist, "weight_decay": wd, "lr": lr * rate.lr_scale,
+                            "lr_scale": rate.lr_scale, "group_name": rate.group.name + suffix,
+                            "stage_index": rate.group.index})
+    return out
+
+
+def create_optimizer(model: torch.nn.Module, rates: list[GroupRate], name: str, lr: float,
+                     weight_decay: float) -> torch.optim.Optimizer:
+    groups = param_groups(model, rates, lr, weight_decay)
+    kwargs = {"momentum": 0.9, "nesterov": True} if name == "sgd" else {}
+    # timm's factory takes ready param groups; weight decay per group is already set.
+    return create_optimizer_v2(groups, opt=name, lr=lr, weight_decay=weight_decay, **kwargs)
+
+
+def create_schedule(optimizer: torch.optim.Optimizer, name: str, *, lr: float, epochs: int,
+                    updates_per_epoch: int, warmup_epochs: float, min_lr_ratio: float,
+                    restarts: int) -> Scheduler:
+    """A timm scheduler stepped per update (``step_update``), warmup before the peak.
+
+    timm's schedulers derive every group's rate from its initial ``lr`` and then
+    multiply by ``lr_scale``, so each group's initial ``lr`` is first set to the base
+    rate (the scheduler applies the scale itself).
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        group.pop("initial_lr", None)
+    warmup_t = int(round(warmup_epochs * updates_per_epoch))
+    total = max(1, epochs * updates_per_epoch - warmup_t)
+    common = dict(warmup_t=warmup_t, warmup_lr_init=lr * 1e-3, warmup_prefix=True, t_in_epochs=False)
+    if name == "cosine":
+        cycle = max(1, total // (restarts + 1))
+        return CosineLRScheduler(optimizer, t_initial=cycle, lr_min=lr * min_lr_ratio, cycle_mul=1.0,
+                                 cycle_decay=1.0, cycle_limit=restarts + 1, **common)
+    if name == "constant":
+        return StepLRScheduler(optimizer, decay_t=10 ** 12, decay_rate=1.0, **common)
+    raise ValueError(f"schedule must be one of ['cosine', 'constant'], got {name!r}")
+
+
+def current_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Learning rate of each stage group (its weight-decay param group)."""
+    rates: dict[str, float] = {}
+    for group in optimizer.param_groups:
+        rates.setdefault(group["group_name"].removesuffix("/no_decay"), group["lr"])
+    return rates

@@ -1,0 +1,331 @@
+"""Datasets: image folders and CSV files, their splits, and the images in them.
+
+An image folder is ``DATA/train/<class>/*``, ``DATA/val/<class>/*`` and optionally
+``DATA/test/<class>/*``; a CSV has columns ``path,label[,split]`` with paths relative
+to the CSV's folder. Classes are the sorted (by code point, Python's ``sorted``) folder
+names or labels of the train split. A sample's id is its path relative to the dataset
+root, with ``/`` separators.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from zoo.errors import UserInputError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"})
+SPLITS = ("train", "val", "test")
+CLASS_ORDER = "sorted"  # recorded in each run's config: classes = sorted(train class names)
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    id: str
+    label: int  # -1 where unknown
+
+
+@dataclass
+class Dataset:
+    """A dataset's classes and the samples of each split."""
+
+    root: Path
+    kind: str  # a key of READERS
+    classes: list[str]
+    splits: dict[str, list[Sample]]
+    val_source: str = "folder"  # folder | csv | from-train
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (id, why)
+    warnings: list[str] = field(default_factory=list)
+
+    def split(self, name: str) -> list[Sample]:
+        return self.splits.get(name, [])
+
+    def class_counts(self, name: str = "train") -> list[int]:
+        counts = [0] * len(self.classes)
+        for s in self.split(name):
+            counts[s.label] += 1
+        return counts
+
+
+# --------------------------------------------------------------------------- images
+
+def load_rgb(path: str | os.PathLike):
+    """Open an image as 8-bit RGB, whatever its mode (grayscale, CMYK, 16-bit, palette)."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        # A decompression-bomb warning means an absurdly large image: treat it as bad.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                import numpy as np
+
+                arr = np.asarray(img, dtype=np.float64)
+                hi = arr.max() if arr.size else 1.0
+                arr = (arr / (hi if hi > 0 else 1.0) * 255.0).clip(0, 255).astype(np.uint8)
+                img = Image.fromarray(arr, mode="L")
+            return img.convert("RGB")
+
+
+def check_image(path: Path) -> str | None:
+    """None if the image decodes completely, else why it cannot be used."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+        load_rgb(path)
+        return None
+    except Exception as e:  # PIL raises many types for broken files; every one means skip
+        text = str(e).splitlines()[0] if str(e) else ""
+        return f"{type(e).__name__}: {text}"[:200]
+
+
+def check_images(samples: Sequence[Sample], workers: int | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> tuple[list[Sample], list[tuple[str, str]]]:
+    """Decode every image once, before training; return the good ones and (id, why) for the rest."""
+    workers = workers or min(8, os.cpu_count() or 1)
+    good, bad = [], []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for i, (sample, why) in enumerate(zip(samples, pool.map(lambda s: check_image(s.path), samples))):
+            if why is None:
+                good.append(sample)
+            else:
+                bad.append((sample.id, why))
+            if progress is not None:
+                progress(i + 1, len(samples))
+    return good, bad
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursively), sorted, hidden files left out."""
+    return sorted(
+        p for p in folder.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def _sample_id(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+# --------------------------------------------------------------------------- readers
+
+def _class_folders(split_dir: Path) -> list[Path]:
+    return sorted((p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
+
+
+def read_image_folder(root: Path, allow_outside_root: bool = False) -> Dataset:
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        raise UserInputError(
+            f"{root}: no train/ folder; expected {root}/train/<class>/<image> "
+            "(and optionally val/ and test/), or a CSV file with columns path,label[,split]"
+        )
+    folders = _class_folders(train_dir)
+    if not folders:
+        raise UserInputError(f"{train_dir}: no class folders; put each class's images in {train_dir}/<class>/")
+    classes = [p.name for p in folders]
+    warns: list[str] = []
+    splits: dict[str, list[Sample]] = {}
+    for split in SPLITS:
+        split_dir = root / split
+        if not split_dir.is_dir():
+            continue
+        samples = []
+        for class_dir in _class_folders(split_dir):
+            if class_dir.name not in classes:
+                raise UserInputError(
+                    f"{class_dir}: class {class_dir.name!r} is not among the train classes {classes}; "
+                    f"rename it or add {train_dir / class_dir.name}/"
+                )
+            images = list_images(class_dir)
+            if not images:
+                if split == "train":
+                    raise UserInputError(f"{class_dir}: class {class_dir.name!r} has no images; add images or remove the empty folder")
+                warns.append(f"{class_dir}: no images of class {class_dir.name!r} in {split}/")
+                continue
+            label = classes.index(class_dir.name)
+            samples += [Sample(p, _sample_id(p, root), label) for p in images]
+        present = {s.label for s in samples}
+        if samples and split != "train":
+            missing = [c for i, c in enumerate(classes) if i not in present]
+            if missing:
+                warns.append(f"{split_dir}: no images of class(es) {missing}; their {split} accuracy cannot be measured")
+        if not samples:
+            if split == "train":
+                raise UserInputError(f"{train_dir}: no images found (extensions {sorted(IMAGE_EXTENSIONS)})")
+            warns.append(f"{split_dir}: folder holds no images; ignored")
+            continue
+        splits[split] = samples
+    return Dataset(root=root, kind="folder", classes=classes, splits=splits, warnings=warns)
+
+
+def read_csv_dataset(csv_path: Path, allow_outside_root: bool = False) -> Dataset:
+    root = csv_path.parent.resolve()
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        missing = [c for c in ("path", "label") if c not in columns]
+        if missing:
+            raise UserInputError(f"{csv_path}: missing column(s) {missing}; expected a header path,label[,split], got {columns}")
+        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+    if not rows:
+        raise UserInputError(f"{csv_path}: no rows under the header")
+    by_split: dict[str, list[tuple[int, dict]]] = {}
+    for line, row in enumerate(rows, start=2):
+        split = row.get("split") or "train"
+        if split not in SPLITS:
+            raise UserInputError(f"{csv_path}:{line}: split {split!r} is not one of {list(SPLITS)}")
+        if not row["path"] or not row["label"]:
+            raise UserInputError(f"{csv_path}:{line}: empty path or label")
+        by_split.setdefault(split, []).append((line, row))
+    if "train" not in by_split:
+        raise UserInputError(f"{csv_path}: no train rows (rows with split empty or 'train')")
+    classes = sorted({row["label"] for _, row in by_split["train"]})
+    splits: dict[str, list[Sample]] = {}
+    warns: list[str] = []
+    for split, items in by_split.items():
+        samples = []
+        for line, row in items:
+            if row["label"] not in classes:
+                raise UserInputError(f"{csv_path}:{line}: label {row['label']!r} never appears in train rows; known labels are {classes}")
+            path = Path(row["path"])
+            full = (path if path.is_absolute() else root / path).resolve()
+            try:
+                sample_id = full.relative_to(root).as_posix()
+            except ValueError:
+                if not allow_outside_root:
+                    raise UserInputError(
+                        f"{csv_path}:{line}: path {row['path']!r} is outside the dataset root {root}; "
+                        "move the image under it or pass --allow-outside-root"
+                    ) from None
+                sample_id = full.as_posix()
+            samples.append(Sample(full, sample_id, classes.index(row["label"])))
+        if split != "train":
+            present = {s.label for s in samples}
+            missing = [c for i, c in enumerate(classes) if i not in present]
+            if missing:
+                warns.append(f"{csv_path}: {split} rows have no images of class(es) {missing}")
+        splits[split] = samples
+    return Dataset(root=root, kind="csv", classes=classes, splits=splits, val_source="csv", warnings=warns)
+
+
+# One registry of dataset readers, chosen by what --data points at.
+READERS: dict[str, Callable[..., Dataset]] = {"folder": read_image_folder, "csv": read_csv_dataset}
+
+
+def split_from_train(dataset: Dataset, fraction: float, seed: int) -> Dataset:
+    """Take a stratified validation split of ``fraction`` from train, with a fixed seed."""
+    from sklearn.model_selection import train_test_split
+
+    if not 0.0 < fraction < 1.0:
+        raise UserInputError(f"--val-fraction must be between 0 and 1, got {fraction}")
+    train = sorted(dataset.split("train"), key=lambda s: s.id)
+    labels = [s.label for s in train]
+    counts = dataset.class_counts("train")
+    if min(counts) < 2:
+        small = [c for c, n in zip(dataset.classes, counts) if n < 2]
+        raise UserInputError(f"{dataset.root}: class(es) {small} have fewer than 2 train images; cannot take a stratified validation split")
+    n_val = max(int(round(fraction * len(train))), len(dataset.classes))
+    keep, val = train_test_split(train, test_size=n_val, stratify=labels, random_state=seed)
+    splits = dict(dataset.splits)
+    if "val" in splits and dataset.val_source != "from-train":
+        # The dataset's own val/ becomes an untouched test set when no test/ exists.
+        splits.setdefault("test", splits["val"])
+    splits["train"] = sorted(keep, key=lambda s: s.id)
+    splits["val"] = sorted(val, key=lambda s: s.id)
+    return Dataset(root=dataset.root, kind=dataset.kind, classes=dataset.classes, splits=splits,
+                   val_source="from-train", skipped=dataset.skipped, warnings=dataset.warnings)
+
+
+def read_dataset(data: str | os.PathLike, *, val_fraction: float = 0.2, val_from_train: bool = False,
+                 seed: int = 0, allow_outside_root: bool = False) -> Dataset:
+    """Read an image folder or CSV dataset, with a validation split.
+
+    With no val split (or with ``val_from_train``) a stratified ``val_fraction`` of
+    train becomes the validation split; the dataset's own ``val/`` then becomes the
+    test split if it has no ``test/``.
+    """
+    path = Path(data)
+    if not path.exists():
+        raise UserInputError(f"{path}: no such file or folder; --data takes an image folder (train/<class>/...) or a CSV")
+    if path.is_file():
+        if path.suffix.lower() != ".csv":
+            raise UserInputError(f"{path}: --data takes an image folder or a .csv file, got a {path.suffix or 'extensionless'} file")
+        dataset = READERS["csv"](path, allow_outside_root=allow_outside_root)
+    else:
+        dataset = READERS["folder"](path, allow_outside_root=allow_outside_root)
+    if val_from_train or not dataset.split("val"):
+        dataset = split_from_train(dataset, val_fraction, seed)
+    return dataset
+
+
+def read_prediction_images(data: str | os.PathLike, classes: Sequence[str], split: str = "test") -> tuple[Path, list[Sample]]:
+    """Images to predict: a split of a dataset, or any folder of images.
+
+    ``split`` is ``train``, ``val`` or ``test`` (that folder of an image-folder dataset, or
+    those rows of a CSV), or ``all`` (every image under ``data``). Labels come from the
+    class folder (or CSV label) where it names one of ``classes``, else -1.
+    """
+    path = Path(data)
+    if not path.exists():
+        raise UserInputError(f"{path}: no such file or folder to predict")
+    if path.is_file():
+        if path.suffix.lower() != ".csv":
+            raise UserInputError(f"{path}: expected an image folder or a .csv file")
+        root = path.parent.resolve()
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+        if rows and "path" not in rows[0]:
+            raise UserInputError(f"{path}: missing column 'path'")
+        samples = []
+        for row in rows:
+            if split != "all" and (row.get("split") or "train") != split:
+                continue
+            full = (root / row["path"]).resolve()
+            label = classes.index(row["label"]) if row.get("label") in classes else -1
+            samples.append(Sample(full, _safe_id(full, root), label))
+        return root, samples
+    root = path
+    folder = path / split if split in SPLITS and (path / split).is_dir() else path
+    if split in SPLITS and folder == path and (path / "train").is_dir():
+        raise UserInputError(f"{path}: has no {split}/ folder; choose --split from the folders that exist, or --split all")
+    images = list_images(folder)
+    if not images:
+        raise UserInputError(f"{folder}: no images found")
+    samples = []
+    for p in images:
+        rel = p.relative_to(folder).parts
+        label = classes.index(rel[0]) if len(rel) > 1 and rel[0] in classes else -1
+        if split == "all" and len(rel) > 2 and rel[0] in SPLITS and rel[1] in classes:
+            label = classes.index(rel[1])
+        samples.append(Sample(p, _sample_id(p, root), label))
+    return root, samples
+
+
+def _safe_id(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+class ImageDataset:
+    """A torch-style map dataset over ``samples``: returns (image tensor, label, index)."""
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable):
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        sample = self.samples[index]
+        return self.transform(load_rgb(sample.path)), sample.label, index
