@@ -133,7 +133,6 @@ def finetune(cfg: FinetuneConfig, *, log=stderr_log, progress: bool | None = Non
     ``stop_after_epoch`` ends the session after that many epochs (resume state saved),
     as if it had been interrupted there.
     """
-    cfg.validate()
     run = RunDir(cfg.out)
     resume_state = None
     if cfg.resume:
@@ -145,6 +144,7 @@ def finetune(cfg: FinetuneConfig, *, log=stderr_log, progress: bool | None = Non
         cfg = saved
     elif run.is_run():
         raise UserInputError(f"{run.root}: already holds a run; pass --resume to continue it, or choose another --out")
+    cfg.validate()
     hardware = resolve_hardware(cfg.device, cfg.amp, cfg.channels_last)
     show_progress = sys.stderr.isatty() if progress is None else progress
 

@@ -135,6 +135,23 @@ def remap_to_model(state: dict[str, torch.Tensor], model: torch.nn.Module, sourc
     return remapped
 
 
+def init_new_head(model: torch.nn.Module, std: float = 0.01) -> None:
+    """Small random weights and zero bias for a freshly replaced classifier.
+
+    Some architectures initialise a classifier with a range that grows as its output
+    count shrinks (EfficientNet: 1/sqrt(fan_out)); on a 2-class head that gives huge
+    logits and a wasted first epoch. A small head starts near the uniform prediction.
+    """
+    head = set(_classifier_param_names(model))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in head:
+                if param.ndim > 1:
+                    param.normal_(0.0, std)
+                else:
+                    param.zero_()
+
+
 def create_backbone(name: str, num_classes: int, *, pretrained: bool = True, weights: str | None = None,
                     **model_kwargs: Any) -> torch.nn.Module:
     """A timm model with a fresh ``num_classes`` head.
@@ -143,6 +160,12 @@ def create_backbone(name: str, num_classes: int, *, pretrained: bool = True, wei
     (random init). Local files go through timm's own loader (as a safetensors file), so
     timm's adaptations (position embeddings, input channels) apply.
     """
+    model = _create(name, num_classes, pretrained=pretrained, weights=weights, **model_kwargs)
+    init_new_head(model)
+    return model
+
+
+def _create(name: str, num_classes: int, *, pretrained: bool, weights: str | None, **model_kwargs: Any) -> torch.nn.Module:
     _check_name(name)
     if weights is not None:
         state = read_weights_file(weights)
