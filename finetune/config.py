@@ -64,6 +64,7 @@ class FinetuneConfig:
     mixup: float = option(0.0, "mixup alpha (0: off)")
     cutmix: float = option(0.0, "cutmix alpha (0: off)")
     drop_path: float | None = option(None, "stochastic depth rate (model default if unset)")
+    model_kwargs: str | None = option(None, "extra timm.create_model arguments as JSON, e.g. '{\"patch_size\": 8}'")
     ema: bool = option(False, "keep an exponential moving average of the weights and evaluate it")
     ema_decay: float = option(0.998, "EMA decay per step")
     balance: str = option("none", "class imbalance handling", choices=BALANCE)
@@ -86,6 +87,15 @@ class FinetuneConfig:
     compile: bool = option(False, "torch.compile the model")
     seed: int = option(0, "random seed (data order, augmentation, head init, validation split)")
     resume: bool = option(False, "continue the run in --out from its last finished epoch")
+
+    def create_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for timm.create_model beyond the name and head."""
+        import json
+
+        kwargs = json.loads(self.model_kwargs) if self.model_kwargs else {}
+        if self.drop_path is not None:
+            kwargs["drop_path_rate"] = self.drop_path
+        return kwargs
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in dataclasses.fields(self)}
@@ -123,6 +133,15 @@ class FinetuneConfig:
         for ok, name, expected, got in checks:
             if not ok:
                 raise UserInputError(f"{name} must be {expected}, got {got!r}")
+        if self.model_kwargs is not None:
+            import json
+
+            try:
+                parsed = json.loads(self.model_kwargs)
+            except json.JSONDecodeError as e:
+                raise UserInputError(f"--model-kwargs must be a JSON object, got {self.model_kwargs!r} ({e})") from None
+            if not isinstance(parsed, dict):
+                raise UserInputError(f"--model-kwargs must be a JSON object, got {self.model_kwargs!r}")
         if not self.backbone:
             raise UserInputError("a backbone name is required, e.g. `zoo finetune resnet50 --data DIR --out RUN`")
         return self

@@ -55,7 +55,9 @@ def load_run(run: str | os.PathLike, device: torch.device | None = None) -> tupl
     config = run_dir.read_config()
     if not run_dir.model.is_file():
         raise UserInputError(f"{run_dir.model}: missing; the run has no finished epoch yet (resume it with zoo finetune --resume --out {run})")
-    model = load_run_model(config["backbone"], len(config["classes"]), run_dir.model)
+    # Architecture arguments only (drop path is a training-time setting).
+    kwargs = {k: v for k, v in config.get("model_kwargs", {}).items() if k != "drop_path_rate"}
+    model = load_run_model(config["backbone"], len(config["classes"]), run_dir.model, **kwargs)
     return model.to(device or "cpu").eval(), config
 
 

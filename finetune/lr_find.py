@@ -78,7 +78,8 @@ def lr_find(cfg: FinetuneConfig, *, start_lr: float = 1e-7, end_lr: float = 10.0
     if bad:
         log(f"warning: skipped {len(bad)} unreadable image(s), e.g. {bad[0][0]}")
     generator = seed_everything(cfg.seed)
-    model = create_backbone(cfg.backbone, len(dataset.classes), pretrained=cfg.pretrained, weights=cfg.weights).to(hardware.device)
+    model = create_backbone(cfg.backbone, len(dataset.classes), pretrained=cfg.pretrained, weights=cfg.weights,
+                            **cfg.create_kwargs()).to(hardware.device)
     groups = stage_groups(model)
     frozen_norms = freeze_stages(model, groups, frozen_group_count(cfg.freeze, None, 0, len(groups)))
     optimizer = create_optimizer(model, group_lr_scales(groups, cfg.layer_decay, cfg.backbone_lr_mult), cfg.optimizer,

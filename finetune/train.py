@@ -157,7 +157,7 @@ def finetune(cfg: FinetuneConfig, *, log=stderr_log, progress: bool | None = Non
 
     # Model, its stage groups and its data config.
     seed_everything(cfg.seed)
-    model_kwargs = {"drop_path_rate": cfg.drop_path} if cfg.drop_path is not None else {}
+    model_kwargs = cfg.create_kwargs()
     model = create_backbone(cfg.backbone, num_classes, pretrained=cfg.pretrained, weights=cfg.weights, **model_kwargs)
     start_hash = state_dict_hash(model)
     dcfg = data_config(model, {"input_size": cfg.input_size, "mean": cfg.mean, "std": cfg.std,
@@ -221,7 +221,7 @@ def finetune(cfg: FinetuneConfig, *, log=stderr_log, progress: bool | None = Non
         run.root.mkdir(parents=True, exist_ok=True)
         atomic.write_json(run.config, {
             "backbone": cfg.backbone, "classes": classes, "class_order": CLASS_ORDER, "num_classes": num_classes,
-            "data_config": dcfg, "options": cfg.to_dict(),
+            "data_config": dcfg, "model_kwargs": model_kwargs, "options": cfg.to_dict(),
             "dataset": {"root": str(dataset.root.resolve()), "kind": dataset.kind, "val_source": dataset.val_source,
                         "counts": {s: len(v) for s, v in dataset.splits.items()}, "train_class_counts": train_counts,
                         "skipped": len(dataset.skipped)},
