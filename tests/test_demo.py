@@ -1,0 +1,39 @@
+"""`zoo demo` runs the whole pipeline through the real library functions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from zoo.cli import main
+from zoo.demo import build_digits_dataset
+from zoo.predictions import read_predictions
+
+
+def test_digits_dataset_is_a_stratified_image_folder(tmp_path):
+    counts = build_digits_dataset(tmp_path)
+    assert counts == {"train": 1010, "val": 337, "test": 450}
+    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == [str(d) for d in range(10)]
+    assert all(len(list((tmp_path / "test" / str(d)).iterdir())) >= 44 for d in range(10))
+
+
+@pytest.mark.slow
+def test_demo_writes_runs_ensemble_report_and_summary(tmp_path):
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(main, ["demo", "--out", str(out), "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    for line in ("resnet", "efficientnet", "vit", "equal-weight average", "fitted ensemble", "probability correlation"):
+        assert line in result.output
+    ensemble = json.loads((out / "ensemble.json").read_text())
+    assert ensemble["members"] and ensemble["scores"]["cv"]
+    for name in ("resnet", "efficientnet", "vit"):
+        assert (out / "runs" / name / "metrics.png").is_file()
+        assert len(read_predictions(out / "runs" / name / "predictions" / "test.safetensors").ids) == 450
+    assert (out / "correlation" / "heatmap.png").is_file()
+    assert (out / "test_predictions.csv").read_text().startswith("id,prediction,0,1,")
+    report = (out / "report.md").read_text()
+    assert "![correlation heatmap](correlation/heatmap.png)" in report and "runs/vit/metrics.png" in report
+    again = CliRunner().invoke(main, ["demo", "--out", str(out), "--epochs", "1"])
+    assert again.exit_code == 1 and "already exists and is not empty" in again.output
