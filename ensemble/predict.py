@@ -1,0 +1,175 @@
+"""Apply a fitted ensemble: to members' prediction files, or to images through each member's run.
+
+``predict_ensemble`` returns a ``Predictions`` whose logits are the ensemble's
+log-probabilities; ``write_output`` writes it as a prediction file (``.safetensors``) or
+as a CSV of ``id,prediction,<one probability column per class>``.
+
+Only the image path imports torch, inside ``finetune.inference.predict_run``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ensemble.file import read_ensemble
+from ensemble.members import member_run
+from ensemble.model import Ensemble, Member
+from zoo import atomic
+from zoo.errors import UserInputError
+from zoo.predictions import Predictions, align_predictions, load_predictions, write_predictions
+from zoo.rundir import RunDir
+
+OUTPUT_SUFFIXES = (".safetensors", ".csv")
+
+
+def _same_path(a: str | None, b: str | None) -> bool:
+    if not a or not b:
+        return False
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
+def _file_run(pred: Predictions) -> str | None:
+    run = member_run(pred)
+    return str(run) if run is not None else (pred.run or None)
+
+
+def match_prediction_files(ens: Ensemble, preds: Sequence[Predictions], where: str = "ensemble",
+                           log: Callable[[str], None] | None = None) -> list[Predictions]:
+    """One prediction set per member, in member order.
+
+    Files are matched to members by their run directory, else by a backbone that only one
+    member has, else by the order given (same count only). Files that match a member that
+    was dropped (zero weight), or nothing while every member was matched, are skipped.
+    Files of other classes are refused.
+    """
+    for p in preds:
+        if p.classes != ens.classes:
+            raise UserInputError(f"{p.source or p.name}: classes {p.classes} differ from {where}'s {ens.classes}; "
+                                 "pass predictions of the members this ensemble was fitted on")
+    matched: dict[int, Predictions] = {}
+    unmatched = []
+    backbones = [m.backbone for m in ens.members]
+    for p in preds:
+        run = _file_run(p)
+        index = next((i for i, m in enumerate(ens.members) if _same_path(run, m.run)), None)
+        if index is None and p.backbone and backbones.count(p.backbone) == 1:
+            index = backbones.index(p.backbone)
+        if index is None or index in matched:
+            unmatched.append(p)
+        else:
+            matched[index] = p
+    if len(matched) == len(ens.members):
+        for p in unmatched:
+            dropped = any(_same_path(_file_run(p), m.run) for m in ens.dropped)
+            if log is not None:
+                log(f"note: {p.source or p.name} skipped ({'zero weight in the ensemble' if dropped else 'not a member of the ensemble'})")
+        return [matched[i] for i in range(len(ens.members))]
+    if len(preds) == len(ens.members) and not matched:
+        if log is not None:
+            log("note: prediction files matched to members by the order given: "
+                + ", ".join(f"{m.name} <- {p.source or p.name}" for m, p in zip(ens.members, preds)))
+        return list(preds)
+    missing = [m.name for i, m in enumerate(ens.members) if i not in matched]
+    raise UserInputError(
+        f"{where}: no prediction file for member(s) {', '.join(missing)} among the {len(preds)} given "
+        f"(the ensemble has {len(ens.members)} members with nonzero weight: {', '.join(m.name for m in ens.members)}); "
+        "pass one file per member, in member order or from their run directories"
+    )
+
+
+def member_run_dir(member: Member, where: str) -> Path:
+    """The member's run directory, refusing a missing one or one without a model."""
+    if member.run is None:
+        raise UserInputError(f"{where}: member {member.name!r} was fitted from a prediction file with no run directory; "
+                             "pass its prediction files instead of --data")
+    run = RunDir(member.run)
+    if not run.is_run():
+        raise UserInputError(f"{where}: member {member.name!r}: run directory {member.run} is missing (or has no config.json); "
+                             "restore it, or pass prediction files instead of --data")
+    return run.root
+
+
+def check_member_runs(ens: Ensemble, where: str) -> list[Path]:
+    """Every member's run directory, and refuse runs trained on other classes, before any inference."""
+    runs = []
+    for m in ens.members:
+        run = member_run_dir(m, where)
+        classes = RunDir(run).read_config().get("classes")
+        if classes != ens.classes:
+            raise UserInputError(f"{RunDir(run).config}: classes {classes} differ from {where}'s {ens.classes}; "
+                                 f"member {m.name!r} was trained on other classes than the ensemble")
+        runs.append(run)
+    return runs
+
+
+def predict_ensemble(ensemble: Ensemble | str | os.PathLike, predictions: Sequence[Predictions] | None = None,
+                     data: str | os.PathLike | None = None, split: str = "test", tta: int = 1, batch_size: int = 64,
+                     device: str | None = None, log: Callable[[str], None] | None = None) -> Predictions:
+    """The ensemble's predictions, from members' ``predictions`` or by running each member on ``data``.
+
+    With ``data`` each member's run predicts ``split`` of the images with its own data
+    config (and ``tta`` views); with ``predictions`` the files are matched to members
+    (``match_prediction_files``). Exactly one of the two must be given.
+    """
+    where = str(ensemble) if not isinstance(ensemble, Ensemble) else "ensemble"
+    ens = (ensemble if isinstance(ensemble, Ensemble) else read_ensemble(ensemble)).without_zero_weights()
+    if (data is None) == (predictions is None or len(predictions) == 0):
+        raise UserInputError("pass either --data DIR (images) or prediction files of the members, not both or neither")
+    if data is not None:
+        runs = check_member_runs(ens, where)
+        from finetune.inference import predict_run  # torch is imported here, and only here
+
+        member_preds = []
+        for m, run in zip(ens.members, runs):
+            if log is not None:
+                log(f"predicting {split} of {data} with {m.name} ({m.backbone}, tta={tta})")
+            p = predict_run(run, data, split=split, tta=tta, batch_size=batch_size, device=device)
+            if p.classes != ens.classes:
+                raise UserInputError(f"{run}: predicted classes {p.classes} differ from {where}'s {ens.classes}")
+            member_preds.append(p)
+    else:
+        member_preds = match_prediction_files(ens, predictions, where, log)
+        split = member_preds[0].split or split
+        tta = member_preds[0].tta
+    aligned = align_predictions(member_preds)
+    log_probs = ens.predict_log_proba([p.logits for p in aligned])
+    first = aligned[0]
+    return Predictions(logits=log_probs.astype(np.float32), labels=first.labels, ids=first.ids, classes=ens.classes,
+                       backbone="ensemble:" + "+".join(m.name for m in ens.members), run=str(where), split=split, tta=tta)
+
+
+def load_prediction_sources(sources: Sequence[str | os.PathLike], split: str) -> list[Predictions]:
+    """Prediction files, or run directories (their ``split`` predictions)."""
+    return [load_predictions(s, split=split) for s in sources]
+
+
+def write_output(path: str | os.PathLike, preds: Predictions) -> Path:
+    """``.safetensors``: a prediction file (logits = log of the ensemble's probability);
+    ``.csv``: ``id,prediction,<class>...`` with one probability column per class."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return write_predictions(path, preds)
+    if suffix == ".csv":
+        return atomic.write_text(path, predictions_csv(preds))
+    raise UserInputError(f"{path}: output must end in {' or '.join(OUTPUT_SUFFIXES)}, got {suffix or 'no suffix'!r}")
+
+
+def predictions_csv(preds: Predictions) -> str:
+    probs = preds.probabilities()
+    predicted = np.argmax(probs, axis=1)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["id", "prediction", *preds.classes])
+    for sid, k, row in zip(preds.ids, predicted, probs):
+        writer.writerow([sid, preds.classes[k], *(f"{v:.6g}" for v in row)])
+    return buffer.getvalue()
