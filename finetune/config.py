@@ -85,6 +85,10 @@ class FinetuneConfig:
     amp: bool | None = option(None, "mixed precision (default: on with CUDA; bf16 where supported, else fp16)")
     channels_last: bool | None = option(None, "channels-last memory format (default: on with CUDA)")
     compile: bool = option(False, "torch.compile the model")
+    sync_bn: bool = option(False, "under torchrun on GPUs: BatchNorm statistics over all processes' batches (SyncBatchNorm); "
+                                  "helps when each GPU's batch is small")
+    scale_lr: bool = option(False, "under torchrun: multiply --lr by the number of processes (linear scaling rule: N processes "
+                                   "make each step's batch N times larger); without it --lr is used as given")
     seed: int = option(0, "random seed (data order, augmentation, head init, validation split)")
     resume: bool = option(False, "continue the run in --out from its last finished epoch")
 

@@ -55,13 +55,16 @@ def resolve_hardware(device: str | None, amp: bool | None, channels_last: bool |
     return Hardware(dev, amp_dtype, on_gpu if channels_last is None else channels_last)
 
 
-def seed_everything(seed: int, epoch: int = 0) -> torch.Generator:
-    """Seed every RNG from (seed, epoch); return the data-order generator of that epoch.
+def seed_everything(seed: int, epoch: int = 0, rank: int = 0) -> torch.Generator:
+    """Seed every RNG from (seed, epoch, rank); return the data-order generator of that epoch.
 
     Each epoch starts from RNG states that depend only on the seed and the epoch, so a
-    run resumed at an epoch boundary continues exactly as an unbroken one.
+    run resumed at an epoch boundary continues exactly as an unbroken one. Under
+    torchrun each rank draws its own augmentation and dropout (rank 0 draws what a
+    single process would); the model starts identical on every rank because DDP
+    copies rank 0's weights to the others.
     """
-    value = (seed * 1_000_003 + epoch) % (2 ** 63)
+    value = (seed * 1_000_003 + epoch + rank * 1_000_000_007) % (2 ** 63)
     random.seed(value)
     np.random.seed(value % (2 ** 32))
     torch.manual_seed(value)
@@ -95,6 +98,10 @@ class EpochStats:
     seconds: float
     updates: int
     stopped_at: "EpochProgress | None" = None  # set when a stop was requested mid-epoch
+    loss_sum: float = 0.0  # over the whole epoch so far (a resumed part included): for reducing over ranks
+    correct: int = 0
+    seen: int = 0
+    indices: list[int] = field(default_factory=list)  # dataset indices this process trained on this epoch
 
     @property
     def images_per_second(self) -> float:
@@ -117,6 +124,9 @@ class Trainer:
     clip_grad: float | None = None
     ema: object | None = None  # timm.utils.ModelEmaV3
     num_updates: int = 0
+    # Distributed: element-wise max of small int flags over ranks (Dist.max), called once per step so
+    # that every rank stops, or reports a diverged loss, at the same step. None: one process.
+    sync_flags: Callable[[list[int]], list[int]] | None = None
     scaler: torch.amp.GradScaler = field(init=False)
 
     def __post_init__(self):
@@ -134,21 +144,30 @@ class Trainer:
         ``resume_from`` continues an epoch that was stopped part-way: its batches are
         drawn (so data order and augmentation match) but not trained on again, and the
         RNG states saved at the stop are restored before the next batch is drawn.
+        Raises ``TrainingDiverged`` when the loss becomes NaN or infinite (checked every
+        10 batches in one process, every step under torchrun).
         """
         model, opt, hw = self.model, self.optimizer, self.hardware
         done = resume_from or EpochProgress()
         loss_sum = torch.tensor(done.loss_sum, device=hw.device, dtype=torch.float64)
         correct = torch.tensor(done.correct, device=hw.device, dtype=torch.long)
+        bad = torch.zeros((), device=hw.device, dtype=torch.bool)
         seen, start, updates = done.seen, time.perf_counter(), 0
+        indices: list[torch.Tensor] = []
         n_batches = len(batches)
+        ddp = _ddp_module(model)
         opt.zero_grad(set_to_none=True)
         iterator = iter(batches)
         for _ in range(done.batches):
-            next(iterator)
+            indices.append(_as_index(next(iterator)[2]))
         if resume_from is not None and resume_from.rng is not None:
             set_rng_state(resume_from.rng)
         i = done.batches - 1
-        for i, (images, labels, _) in enumerate(iterator, start=done.batches):
+        for i, (images, labels, index) in enumerate(iterator, start=done.batches):
+            indices.append(_as_index(index))
+            last_of_step = (i + 1) % self.accum_steps == 0 or i + 1 == n_batches
+            if ddp is not None:  # all-reduce gradients on a step's last batch only
+                ddp.require_backward_grad_sync = last_of_step
             images = images.to(hw.device, non_blocking=True)
             labels = labels.to(hw.device, non_blocking=True)
             if hw.channels_last:
@@ -158,7 +177,6 @@ class Trainer:
                 logits = model(images)
             loss = soft_cross_entropy(logits, targets, self.class_weights)
             self.scaler.scale(loss / self.accum_steps).backward()
-            last_of_step = (i + 1) % self.accum_steps == 0 or i + 1 == n_batches
             if last_of_step:
                 if self.clip_grad is not None:
                     self.scaler.unscale_(opt)
@@ -174,20 +192,60 @@ class Trainer:
                     self.ema.update(getattr(model, "module", model), step=self.num_updates)
             loss_sum += loss.detach().double() * labels.shape[0]
             correct += (logits.detach().argmax(1) == labels).sum()
+            bad |= ~torch.isfinite(loss.detach())
             seen += labels.shape[0]
-            if progress is not None and (i % 10 == 9 or i + 1 == n_batches):
+            every_10 = i % 10 == 9 or i + 1 == n_batches
+            if progress is not None and every_10:
                 running = loss_sum.item() / seen  # a sync every 10 batches, not every step
-                if not math.isfinite(running):
-                    raise TrainingDiverged(f"training loss became {running} at batch {i + 1}")
                 progress(i + 1, n_batches, running, (seen - done.seen) / (time.perf_counter() - start))
-            if last_of_step and i + 1 < n_batches and stop_requested():
-                return EpochStats(loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1), seen - done.seen,
-                                  time.perf_counter() - start, updates,
-                                  stopped_at=EpochProgress(i + 1, loss_sum.item(), correct.item(), seen, get_rng_state()))
+            if self.sync_flags is None and every_10 and bool(bad.item()):
+                raise TrainingDiverged(f"training loss became {loss_sum.item() / seen} by batch {i + 1} of {n_batches}")
+            if last_of_step:
+                stop = self._check_step(stop_requested, bad, loss_sum, seen, i, n_batches)
+                if stop and i + 1 < n_batches:
+                    return EpochStats(loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1), seen - done.seen,
+                                      time.perf_counter() - start, updates,
+                                      stopped_at=EpochProgress(i + 1, loss_sum.item(), correct.item(), seen, get_rng_state()),
+                                      loss_sum=loss_sum.item(), correct=int(correct.item()), seen=seen,
+                                      indices=_cat_indices(indices))
         total = loss_sum.item() / max(seen, 1)
-        if not math.isfinite(total):
+        if self.sync_flags is None and not math.isfinite(total):
             raise TrainingDiverged(f"training loss became {total}")
-        return EpochStats(total, correct.item() / max(seen, 1), seen - done.seen, time.perf_counter() - start, updates)
+        return EpochStats(total, correct.item() / max(seen, 1), seen - done.seen, time.perf_counter() - start, updates,
+                          loss_sum=loss_sum.item(), correct=int(correct.item()), seen=seen, indices=_cat_indices(indices))
+
+    def _check_step(self, stop_requested, bad: torch.Tensor, loss_sum: torch.Tensor, seen: int, i: int,
+                    n_batches: int) -> bool:
+        """At a step boundary: whether a stop was asked for.
+
+        Under torchrun the stop request and "the loss became NaN or infinite" travel in
+        one small all-reduce every step, so all ranks stop, or raise, at the same step
+        and none waits forever for the others.
+        """
+        if self.sync_flags is None:
+            return stop_requested()
+        stop, diverged = self.sync_flags([int(stop_requested()), int(bad.item())])
+        if diverged:
+            value = loss_sum.item() / max(seen, 1)
+            what = value if not math.isfinite(value) else "NaN or infinite on another rank"
+            raise TrainingDiverged(f"training loss became {what} by batch {i + 1} of {n_batches}")
+        return bool(stop)
+
+
+def _ddp_module(model: torch.nn.Module):
+    """The DistributedDataParallel module inside ``model`` (torch.compile wraps it), or None."""
+    inner = getattr(model, "_orig_mod", model)
+    return inner if isinstance(inner, torch.nn.parallel.DistributedDataParallel) else None
+
+
+def _as_index(index) -> torch.Tensor:
+    if index is None:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.as_tensor(index, dtype=torch.long).reshape(-1).cpu()
+
+
+def _cat_indices(parts: list[torch.Tensor]) -> list[int]:
+    return torch.cat(parts).tolist() if parts else []
 
 
 @dataclass
@@ -204,8 +262,8 @@ class EpochProgress:
 def get_rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": [np.random.get_state()[0], torch.from_numpy(np.random.get_state()[1].copy())] + list(np.random.get_state()[2:])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # this process's device only (one GPU per rank)
     return state
 
 
@@ -216,7 +274,10 @@ def set_rng_state(state: dict) -> None:
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        if isinstance(state["cuda"], (list, tuple)):  # resume state written before one-GPU-per-rank states
+            torch.cuda.set_rng_state_all(state["cuda"])
+        else:
+            torch.cuda.set_rng_state(state["cuda"])
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import torch
 from timm.data import create_transform
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampler
 
 from zoo.data import ImageDataset, Sample
 
@@ -39,22 +39,36 @@ def _collate(batch):
 
 
 def train_loader(samples: Sequence[Sample], transform, *, batch_size: int, workers: int, generator: torch.Generator,
-                 num_classes: int, balanced: bool, drop_last: bool, pin_memory: bool) -> DataLoader:
+                 num_classes: int, balanced: bool, drop_last: bool, pin_memory: bool,
+                 shard: tuple[int, int] | None = None, seed: int = 0, epoch: int = 0) -> DataLoader:
     """Shuffled loader whose order and augmentation are fixed by ``generator``'s seed.
 
     Workers are not persistent: each epoch's workers take their seeds from that epoch's
     generator, so a resumed run sees exactly the batches an unbroken one would.
+
+    ``shard=(rank, world_size)`` (torchrun) gives this rank its own part of each epoch:
+    a ``DistributedSampler`` shuffled by ``seed`` and ``epoch``, the same on every rank,
+    with the remainder dropped so every rank runs the same number of steps.
     """
     dataset = ImageDataset(samples, transform)
     sampler = None
-    if balanced:
+    if shard is not None:
+        if balanced:
+            raise ValueError("balanced sampling is not available with sharded (distributed) loading")
+        rank, world = shard
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        sampler.set_epoch(epoch)
+    elif balanced:
         counts = [0] * num_classes
         for s in samples:
             counts[s.label] += 1
         weights = [1.0 / counts[s.label] for s in samples]
         sampler = WeightedRandomSampler(weights, num_samples=len(samples), replacement=True, generator=generator)
+    per_rank = len(sampler) if sampler is not None else len(samples)
+    # A last batch of one image is dropped too: BatchNorm cannot train on it (and it would be a noisy step).
+    drop_last = (drop_last and per_rank >= batch_size) or (per_rank > batch_size and per_rank % batch_size == 1)
     return DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, generator=generator,
-                      num_workers=workers, collate_fn=_collate, drop_last=drop_last and len(samples) >= batch_size,
+                      num_workers=workers, collate_fn=_collate, drop_last=drop_last,
                       pin_memory=pin_memory, persistent_workers=False)
 
 

@@ -2,7 +2,11 @@
 
 Read top to bottom: data, model, frozen stages and learning rates, optimizer and
 schedule, then the epoch loop (train, evaluate, keep the best, save resume state,
-stop early). Only rank 0 writes files when run under ``torchrun``.
+stop early). Under ``torchrun`` every rank runs the same loop on its own shard of each
+epoch (``finetune.distributed``) and only rank 0 writes files. SIGINT or SIGTERM stops
+at the next step boundary, saves resume state and exits with 130 or 143; ``--resume``
+continues exactly. A loss that turns NaN or infinite stops the run with one line and
+keeps the files of the last good epoch.
 """
 
 from __future__ import annotations
@@ -19,15 +23,16 @@ import timm
 import torch
 
 import zoo
-from finetune import loaders
+from finetune import distributed, loaders
 from finetune.config import FinetuneConfig
+from finetune.distributed import Dist
 from finetune.engine import (EpochProgress, Hardware, Trainer, TrainingDiverged, log_loss_and_accuracy,
                              predict_logits, resolve_hardware, seed_everything, stderr_log)
 from finetune.freeze import count_parameters, freeze_stages, frozen_group_count, set_train_mode
 from finetune.optim import create_optimizer, create_schedule, current_rates, group_lr_scales
 from finetune.report import format_report, plot_metrics, write_best_epoch_report, write_metrics
 from zoo import atomic
-from zoo.backbones import create_backbone, data_config, stage_groups, state_dict_hash
+from zoo.backbones import create_backbone, data_config, stage_groups, state_dict_hash, unreadable_reason
 from zoo.data import CLASS_ORDER, Dataset, check_images, read_dataset
 from zoo.errors import UserInputError
 from zoo.predictions import Predictions, write_predictions
@@ -42,10 +47,30 @@ class FinetuneResult:
     best_val_accuracy: float
     epochs_run: int
     stopped: str  # finished | early-stopped | interrupted
+    rank: int = 0  # under torchrun: this process's rank (only rank 0 should print the result)
+
+
+class TrainingInterrupted(SystemExit):
+    """SIGINT or SIGTERM stopped ``finetune`` at a step boundary, after its resume state was saved.
+
+    A ``SystemExit`` whose status is the one shells give a process stopped by that
+    signal (128 + signal number: 130 for SIGINT, 143 for SIGTERM), so ``zoo finetune``
+    exits with it and a script or scheduler sees the run did not finish; ``--resume``
+    continues it. ``result`` holds what the run had reached.
+    """
+
+    def __init__(self, result: FinetuneResult, signal_name: str):
+        super().__init__(128 + int(signal.Signals[signal_name]))
+        self.result = result
+        self.signal_name = signal_name
 
 
 class StopFlag:
-    """Set by SIGINT/SIGTERM; the loop checks it at step boundaries and saves resume state."""
+    """Set by SIGINT/SIGTERM; the loop checks it at step boundaries and saves resume state.
+
+    A second SIGINT (Ctrl-C pressed again) quits at once with ``KeyboardInterrupt``;
+    the files on disk stay whole because every write is atomic.
+    """
 
     def __init__(self):
         self.signal_name: str | None = None
@@ -53,10 +78,16 @@ class StopFlag:
     def __call__(self) -> bool:
         return self.signal_name is not None
 
+    @property
+    def signum(self) -> int:
+        return int(signal.Signals[self.signal_name]) if self.signal_name else 0
+
     def install(self):
         previous = {}
 
         def handler(signum, frame):
+            if self.signal_name is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
             self.signal_name = signal.Signals(signum).name
 
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -72,16 +103,19 @@ class StopFlag:
             signal.signal(sig, h)
 
 
-def _read_data(cfg: FinetuneConfig, log) -> Dataset:
+def _read_data(cfg: FinetuneConfig, log, dist: Dist) -> Dataset:
+    """Read the dataset and decode every image once; under torchrun each rank checks its share."""
     dataset = read_dataset(cfg.data, val_fraction=cfg.val_fraction, val_from_train=cfg.val_from_train,
                            seed=cfg.seed, allow_outside_root=cfg.allow_outside_root)
     for warning in dataset.warnings:
         log(f"warning: {warning}")
     skipped = []
     for split in list(dataset.splits):
-        good, bad = check_images(dataset.splits[split], workers=loaders.default_workers(cfg.workers))
-        dataset.splits[split] = good
-        skipped += [(split, sid, why) for sid, why in bad]
+        samples = dataset.splits[split]
+        _, bad = check_images(samples[dist.rank::dist.world_size], workers=loaders.default_workers(cfg.workers))
+        why = dict(b for part in dist.gather(bad) for b in part)
+        dataset.splits[split] = [s for s in samples if s.id not in why]
+        skipped += [(split, s.id, why[s.id]) for s in samples if s.id in why]
     dataset.skipped = [(sid, f"{split}: {why}") for split, sid, why in skipped]
     if skipped:
         log(f"warning: skipped {len(skipped)} unreadable image(s) (listed in skipped_images.txt), e.g. {skipped[0][1]}: {skipped[0][2]}")
@@ -130,26 +164,73 @@ def finetune(cfg: FinetuneConfig, *, log=stderr_log, progress: bool | None = Non
              stop_after_epoch: int | None = None) -> FinetuneResult:
     """Fine-tune ``cfg.backbone`` on ``cfg.data`` and write the run directory ``cfg.out``.
 
-    ``stop_after_epoch`` ends the session after that many epochs (resume state saved),
-    as if it had been interrupted there.
+    Under torchrun (``RANK``/``WORLD_SIZE`` in the environment) every process runs this:
+    each trains on its own shard of every epoch in DistributedDataParallel, and only
+    rank 0 writes files, logs and shows the progress bar.
+
+    SIGINT or SIGTERM stops the run at the next step boundary, saves its resume state and
+    raises :class:`TrainingInterrupted` (exit status 130 or 143); ``cfg.resume`` continues
+    it exactly. A loss that becomes NaN or infinite stops the run with a
+    ``UserInputError``; the files of the last good epoch are kept. ``stop_after_epoch``
+    ends the session after that many epochs (resume state saved) and returns, as if it
+    had been interrupted there.
     """
     run = RunDir(cfg.out)
-    resume_state = None
+    cfg, resume_state, note = _start_or_resume(cfg, run)
+    cfg.validate()
+    dist = distributed.setup(cfg.device)
+    try:
+        if not dist.is_main:
+            log = _quiet
+        if note:
+            log(note)
+        return _train(cfg, run, resume_state, dist, log=log, progress=progress, stop_after_epoch=stop_after_epoch)
+    finally:
+        dist.cleanup()
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+def _start_or_resume(cfg: FinetuneConfig, run: RunDir) -> tuple[FinetuneConfig, dict | None, str | None]:
+    """The config to run and the resume state to start from (None: a fresh run).
+
+    Checked before any process writes anything (under torchrun, before the ranks meet),
+    so every rank takes the same decision.
+    """
     if cfg.resume:
         if not run.resume_state.is_file():
-            raise UserInputError(f"{run.resume_state}: nothing to resume (no resume state); start the run without --resume")
-        resume_state = torch.load(run.resume_state, map_location="cpu", weights_only=True)
+            raise UserInputError(f"{run.resume_state}: nothing to resume (no resume state: the run in {run.root} stopped "
+                                 "before its first save, or --out names another folder); start it again without --resume")
+        try:
+            state = torch.load(run.resume_state, map_location="cpu", weights_only=True)
+        except Exception as e:  # a truncated, foreign or pickled-object file: torch raises many types
+            raise UserInputError(f"{run.resume_state}: cannot be read as zoo resume state ({unreadable_reason(e)}); it is "
+                                 "loaded with weights_only=True, never unpickling objects; start a new run") from None
+        if not isinstance(state, dict) or not {"model", "optimizer", "epoch"} <= set(state):
+            raise UserInputError(f"{run.resume_state}: not zoo resume state (no model, optimizer and epoch); start a new run")
         saved = FinetuneConfig.from_dict(run.read_config()["options"])
         saved.resume = True
-        cfg = saved
-    elif run.is_run():
-        raise UserInputError(f"{run.root}: already holds a run; pass --resume to continue it, or choose another --out")
-    cfg.validate()
-    hardware = resolve_hardware(cfg.device, cfg.amp, cfg.channels_last)
-    show_progress = sys.stderr.isatty() if progress is None else progress
+        return saved, state, None
+    if run.is_run():
+        if run.resume_state.is_file() or run.model.is_file():
+            raise UserInputError(f"{run.root}: already holds a run; pass --resume to continue it, or choose another --out")
+        return cfg, None, f"{run.root}: holds only the config of a run that stopped before its first save; starting it again"
+    return cfg, None, None
+
+
+def _train(cfg: FinetuneConfig, run: RunDir, resume_state: dict | None, dist: Dist, *, log, progress: bool | None,
+           stop_after_epoch: int | None) -> FinetuneResult:
+    world = dist.world_size
+    check_distributed_options(cfg, dist)
+    hardware = resolve_hardware(str(dist.device) if dist.enabled else cfg.device, cfg.amp, cfg.channels_last)
+    show_progress = dist.is_main and (sys.stderr.isatty() if progress is None else progress)
+    lr = cfg.lr * world if cfg.scale_lr else cfg.lr  # linear scaling rule: the batch of a step is `world` times larger
+    effective_batch = cfg.batch_size * cfg.accum_steps * world
 
     # Data.
-    dataset = _read_data(cfg, log)
+    dataset = _read_data(cfg, log, dist)
     classes, num_classes = dataset.classes, len(dataset.classes)
     train_counts = dataset.class_counts("train")
     log(f"data: {len(dataset.split('train'))} train, {len(dataset.split('val'))} val"
@@ -162,6 +243,10 @@ def finetune(cfg: FinetuneConfig, *, log=stderr_log, progress: bool | None = Non
     start_hash = state_dict_hash(model)
     dcfg = data_config(model, {"input_size": cfg.input_size, "mean": cfg.mean, "std": cfg.std,
                                "interpolation": cfg.interpolation, "crop_pct": cfg.crop_pct})
+    if cfg.sync_bn and dist.enabled:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same tensor names: checkpoints stay plain timm
+    elif cfg.sync_bn:
+        log("note: --sync-bn has no effect in a single process")
     groups = stage_groups(model)
     model.to(hardware.device)
     if hardware.channels_last:
@@ -171,7 +256,7 @@ def finetune(cfg: FinetuneConfig, *, log=stderr_log, progress: bool | None = Non
     frozen = frozen_group_count(cfg.freeze, cfg.unfreeze_at, 0, len(groups))
     frozen_norms = freeze_stages(model, groups, frozen)
     rates = group_lr_scales(groups, cfg.layer_decay, cfg.backbone_lr_mult)
-    optimizer = create_optimizer(model, rates, cfg.optimizer, cfg.lr, cfg.weight_decay)
+    optimizer = create_optimizer(model, rates, cfg.optimizer, lr, cfg.weight_decay)
     workers = loaders.default_workers(cfg.workers)
     pin = hardware.device.type == "cuda"
     mixup = None
@@ -182,29 +267,34 @@ def finetune(cfg: FinetuneConfig, *, log=stderr_log, progress: bool | None = Non
     train_tf = loaders.train_transform(dcfg, auto_augment=cfg.auto_augment, crop_scale=cfg.crop_scale, hflip=cfg.hflip)
     eval_tf = loaders.eval_transform(dcfg)
 
-    def make_train_loader(generator):
+    def make_train_loader(generator, epoch):
         return loaders.train_loader(dataset.split("train"), train_tf, batch_size=cfg.batch_size, workers=workers,
                                     generator=generator, num_classes=num_classes, balanced=cfg.balance == "sampler",
-                                    drop_last=mixup is not None, pin_memory=pin)
+                                    drop_last=mixup is not None, pin_memory=pin,
+                                    shard=(dist.rank, world) if dist.enabled else None, seed=cfg.seed, epoch=epoch)
 
-    val_loader = loaders.eval_loader(dataset.split("val"), eval_tf, batch_size=cfg.batch_size * 2, workers=workers, pin_memory=pin)
-    updates_per_epoch = -(-len(make_train_loader(torch.Generator())) // cfg.accum_steps)
-    scheduler = create_schedule(optimizer, cfg.schedule, lr=cfg.lr, epochs=cfg.epochs, updates_per_epoch=updates_per_epoch,
+    # Validation is split across ranks (rank r takes samples r, r+W, ...) and gathered, so every rank
+    # sees the same scores and takes the same best-epoch and early-stopping decisions.
+    val_samples = dataset.split("val")
+    val_shard = val_samples[dist.rank::world]
+    val_loader = loaders.eval_loader(val_shard, eval_tf, batch_size=cfg.batch_size * 2, workers=workers, pin_memory=pin)
+    updates_per_epoch = -(-len(make_train_loader(torch.Generator(), 0)) // cfg.accum_steps)
+    scheduler = create_schedule(optimizer, cfg.schedule, lr=lr, epochs=cfg.epochs, updates_per_epoch=updates_per_epoch,
                                 warmup_epochs=cfg.warmup_epochs, min_lr_ratio=cfg.min_lr_ratio, restarts=cfg.restarts)
     ema = None
     if cfg.ema:
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(model, decay=cfg.ema_decay)  # after freezing: it pairs tensors by position
-    train_model = torch.compile(model) if cfg.compile else model
-    trainer = Trainer(train_model, optimizer, scheduler, hardware, num_classes, label_smoothing=cfg.label_smoothing,
+    trainer = Trainer(model, optimizer, scheduler, hardware, num_classes, label_smoothing=cfg.label_smoothing,
                       class_weights=loaders.class_loss_weights(train_counts).to(hardware.device) if cfg.balance == "loss" else None,
-                      mixup=mixup, accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad, ema=ema)
+                      mixup=mixup, accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad, ema=ema,
+                      sync_flags=dist.max if dist.enabled else None)
 
     # Resume state, or a fresh run whose config is written before step 0.
     history: list[dict] = []
     best = {"epoch": -1, "val_loss": float("inf"), "val_accuracy": -1.0}
-    start_epoch, bad_epochs, partial = 0, 0, None
+    start_epoch, bad_epochs, partial, last_saved = 0, 0, None, None
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
@@ -214,10 +304,10 @@ def finetune(cfg: FinetuneConfig, *, log=stderr_log, progress: bool | None = Non
         trainer.num_updates = resume_state["num_updates"]
         start_epoch, bad_epochs = resume_state["epoch"], resume_state["bad_epochs"]
         history, best = list(resume_state["history"]), dict(resume_state["best"])
-        if resume_state.get("partial"):
-            partial = EpochProgress(**resume_state["partial"])
+        partial = _partial_for_this_rank(resume_state, dist, log)
+        last_saved = f"epoch {start_epoch + 1}, batch {partial.batches}" if partial else f"after epoch {start_epoch}"
         log(f"resuming {run.root} at epoch {start_epoch + 1}" + (f", batch {partial.batches + 1}" if partial else ""))
-    else:
+    elif dist.is_main:
         run.root.mkdir(parents=True, exist_ok=True)
         atomic.write_json(run.config, {
             "backbone": cfg.backbone, "classes": classes, "class_order": CLASS_ORDER, "num_classes": num_classes,
@@ -228,7 +318,8 @@ def finetune(cfg: FinetuneConfig, *, log=stderr_log, progress: bool | None = Non
             "stage_groups": [{"index": g.index, "name": g.name, "params": count_parameters(model, g.param_names),
                               "lr_scale": r.lr_scale, "head": g.is_head} for g, r in zip(groups, rates)],
             "start_weights_sha256": start_hash, "weights_source": cfg.weights or ("hub" if cfg.pretrained else "random"),
-            "hardware": hardware.describe(), "effective_batch_size": cfg.batch_size * cfg.accum_steps,
+            "hardware": hardware.describe(), "world_size": world, "effective_batch_size": effective_batch, "lr": lr,
+            "distributed": {"world_size": world, "backend": dist.backend or None, "sync_bn": bool(cfg.sync_bn and dist.enabled)},
             "updates_per_epoch": updates_per_epoch,
             "versions": {"zoo": zoo.__version__, "torch": torch.__version__, "timm": timm.__version__,
                          "python": platform.python_version()},
@@ -236,14 +327,15 @@ def finetune(cfg: FinetuneConfig, *, log=stderr_log, progress: bool | None = Non
         atomic.write_json(run.splits, {s: [x.id for x in v] for s, v in dataset.splits.items() if s in ("train", "val")})
         if dataset.skipped:
             atomic.write_text(run.skipped_images, "".join(f"{sid}\t{why}\n" for sid, why in dataset.skipped))
-    log(f"{cfg.backbone}: {len(groups)} stage groups, first {frozen} frozen; head lr {cfg.lr:g}, layer decay "
+    log(f"{cfg.backbone}: {len(groups)} stage groups, first {frozen} frozen; head lr {lr:g}, layer decay "
         f"{cfg.layer_decay:g}, backbone x{cfg.backbone_lr_mult:g}; {cfg.optimizer}, {cfg.schedule}; {hardware.describe()}")
-    log(_rate_table(model, groups, frozen, rates, cfg.lr))
+    log(_batch_and_rate_line(cfg, world, lr, effective_batch, dist))
+    log(_rate_table(model, groups, frozen, rates, lr))
 
     # The epoch loop.
     stop = StopFlag()
     previous_handlers = stop.install()
-    status = "finished"
+    status, epoch, wrapped_for = "finished", start_epoch, None
     eval_model = ema.module if ema is not None else model
     try:
         for epoch in range(start_epoch, cfg.epochs):
@@ -252,60 +344,145 @@ def finetune(cfg: FinetuneConfig, *, log=stderr_log, progress: bool | None = Non
                 frozen = now_frozen
                 frozen_norms = freeze_stages(model, groups, frozen)
                 log(f"epoch {epoch + 1}: unfreezing; first {frozen} group(s) stay frozen")
-            generator = seed_everything(cfg.seed, epoch)
-            set_train_mode(model, frozen_norms)
+            if wrapped_for != frozen:
+                # DDP registers the parameters that train when it is built: wrap again when that set
+                # changes, after dropping the old wrapper (and its gradient hooks).
+                trainer.model = model
+                trainer.model = torch.compile(dist.wrap(model)) if cfg.compile else dist.wrap(model)
+                wrapped_for = frozen
+            generator = seed_everything(cfg.seed, epoch, dist.rank)
+            set_train_mode(trainer.model, frozen_norms)
             update, close = _progress_bar(epoch, cfg.epochs, show_progress)
             try:
-                stats = trainer.train_epoch(make_train_loader(generator), progress=update, stop_requested=stop, resume_from=partial)
+                stats = trainer.train_epoch(make_train_loader(generator, epoch), progress=update, stop_requested=stop,
+                                            resume_from=partial)
             finally:
                 close()
             partial = None
             if stats.stopped_at is not None:
-                _save_resume(run, model, optimizer, trainer, ema, epoch, bad_epochs, history, best, stats.stopped_at)
-                log(f"{stop.signal_name}: stopped at epoch {epoch + 1}, batch {stats.stopped_at.batches}; resume state saved. "
-                    f"Continue with: zoo finetune --resume --out {run.root}")
-                status = "interrupted"
-                break
-            logits, labels = predict_logits(eval_model, val_loader, hardware)
+                partials = dist.gather_state(vars(stats.stopped_at))
+                if dist.is_main:
+                    _save_resume(run, model, optimizer, trainer, ema, epoch, bad_epochs, history, best, partials, world)
+                _interrupted(run, best, history, dist, stop, log, f"at epoch {epoch + 1}, batch {stats.stopped_at.batches}")
+            train = _reduce_epoch(stats, dist)
+            dist.broadcast_buffers(model)
+            if ema is not None:
+                dist.broadcast_buffers(ema.module)
+            logits, labels = _evaluate(eval_model, val_loader, val_shard, hardware, num_classes, dist)
             val_loss, val_acc = log_loss_and_accuracy(logits, labels)
-            row = {"epoch": epoch + 1, "train_loss": stats.loss, "train_accuracy": stats.accuracy, "val_loss": val_loss,
-                   "val_accuracy": val_acc, "seconds": round(stats.seconds, 3), "images_per_second": round(stats.images_per_second, 2),
-                   **{f"lr/{k}": v for k, v in current_rates(optimizer).items()}}
+            row = {"epoch": epoch + 1, "train_loss": train["loss"], "train_accuracy": train["accuracy"], "val_loss": val_loss,
+                   "val_accuracy": val_acc, "seconds": round(stats.seconds, 3),
+                   "images_per_second": round(train["images"] / stats.seconds, 2) if stats.seconds > 0 else float("nan"),
+                   **{f"lr/{k}": v for k, v in current_rates(optimizer).items()},
+                   "train_images": train["train_images"], "shard_overlap": train["shard_overlap"]}
+            if train["shard_overlap"]:
+                log(f"warning: {train['shard_overlap']} train image(s) were trained on by more than one process this epoch")
             history.append(row)
             improved = (val_loss < best["val_loss"]) if cfg.monitor == "loss" else \
                 (val_acc > best["val_accuracy"] or (val_acc == best["val_accuracy"] and val_loss < best["val_loss"]))
             if improved:
                 best, bad_epochs = {"epoch": epoch + 1, "val_loss": val_loss, "val_accuracy": val_acc}, 0
-                _save_best(run, cfg, eval_model, classes, dataset, logits, labels, epoch + 1)
+                if dist.is_main:
+                    _save_best(run, cfg, eval_model, classes, dataset, logits, labels, epoch + 1)
             else:
                 bad_epochs += 1
-            _save_resume(run, model, optimizer, trainer, ema, epoch + 1, bad_epochs, history, best, None)
-            write_metrics(run.metrics_csv, history)
-            plot_metrics(run.metrics_png, history, f"{cfg.backbone} on {Path(cfg.data).name}")
-            log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {stats.loss:.4f} acc {stats.accuracy:.3f} | val loss "
+            if dist.is_main:
+                _save_resume(run, model, optimizer, trainer, ema, epoch + 1, bad_epochs, history, best, None, world)
+                write_metrics(run.metrics_csv, history)
+                plot_metrics(run.metrics_png, history, f"{cfg.backbone} on {Path(cfg.data).name}")
+            last_saved = f"after epoch {epoch + 1}"
+            log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {train['loss']:.4f} acc {train['accuracy']:.3f} | val loss "
                 f"{val_loss:.4f} acc {val_acc:.3f}{' *' if improved else ''} | {stats.seconds:.1f}s, "
-                f"{stats.images_per_second:.1f} img/s")
+                f"{row['images_per_second']:.1f} img/s")
             if cfg.patience and bad_epochs >= cfg.patience and epoch + 1 < cfg.epochs:
                 log(f"early stop: no improvement in val {cfg.monitor} for {bad_epochs} epochs")
                 status = "early-stopped"
                 break
-            if stop():
-                log(f"{stop.signal_name}: stopped after epoch {epoch + 1}; continue with: zoo finetune --resume --out {run.root}")
-                status = "interrupted"
-                break
+            if dist.max([stop.signum])[0] and epoch + 1 < cfg.epochs:  # collective: all ranks stop after the same epoch
+                _interrupted(run, best, history, dist, stop, log, f"after epoch {epoch + 1}")
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < cfg.epochs:
                 status = "interrupted"
                 break
     except TrainingDiverged as e:
-        raise UserInputError(f"{run.root}: {e}; the last good checkpoint is kept. Lower --lr or set --clip-grad") from None
+        kept = ([f"model.safetensors: best epoch {best['epoch']}"] if best["epoch"] > 0 else []) + \
+            ([f"last.pt: {last_saved}"] if last_saved else [])
+        fix = f"a lower --lr (this one used {lr:g}) or --clip-grad 1.0"
+        if kept:
+            raise UserInputError(f"{run.root}: {e} in epoch {epoch + 1}; the last good checkpoint is kept "
+                                 f"({'; '.join(kept)}). Start a new run (another --out) with {fix}") from None
+        raise UserInputError(f"{run.root}: {e} in epoch {epoch + 1}, before anything was saved. Start again with {fix}") from None
     finally:
         StopFlag.uninstall(previous_handlers)
 
-    if best["epoch"] > 0 and status != "interrupted":
+    if best["epoch"] > 0 and status != "interrupted" and dist.is_main:
         report = json.loads(run.report.read_text())
         log(format_report(report, classes))
         log(f"best epoch {best['epoch']}: val loss {best['val_loss']:.4f}, val accuracy {best['val_accuracy']:.4f} -> {run.root}")
-    return FinetuneResult(run, best["epoch"], best["val_loss"], best["val_accuracy"], len(history), status)
+    dist.barrier()  # the others wait until rank 0 has written the last files
+    return _result(run, best, history, status, dist.rank)
+
+
+def _interrupted(run: RunDir, best: dict, history: list, dist: Dist, stop: StopFlag, log, where: str):
+    """After a signal, once the resume state is saved: say how to continue, and exit with the signal's status."""
+    signal_name = signal.Signals(dist.max([stop.signum])[0] or signal.SIGTERM).name  # some rank got it
+    log(f"{signal_name}: stopped {where}; resume state saved. Continue with: zoo finetune --resume --out {run.root}")
+    dist.barrier()  # no rank exits (and makes torchrun stop the others) before rank 0 has saved
+    raise TrainingInterrupted(_result(run, best, history, "interrupted", dist.rank), signal_name)
+
+
+def check_distributed_options(cfg: FinetuneConfig, dist: Dist) -> None:
+    """Refuse options that cannot work with this many processes, in one line each."""
+    if dist.world_size > 1 and cfg.balance == "sampler":
+        raise UserInputError(f"--balance sampler does not work with torchrun ({dist.world_size} processes): its weighted draws "
+                             "with replacement cannot be split into disjoint shards; use --balance loss")
+    if cfg.sync_bn and dist.enabled and dist.device.type != "cuda":
+        raise UserInputError("--sync-bn needs CUDA (torch's SyncBatchNorm runs on GPUs only); leave it out on the CPU")
+
+
+def _result(run: RunDir, best: dict, history: list, status: str, rank: int) -> FinetuneResult:
+    return FinetuneResult(run, best["epoch"], best["val_loss"], best["val_accuracy"], len(history), status, rank)
+
+
+def _batch_and_rate_line(cfg: FinetuneConfig, world: int, lr: float, effective_batch: int, dist: Dist) -> str:
+    procs = f" x {world} processes" if dist.enabled else ""
+    line = (f"{dist.describe()}: effective batch size {effective_batch} ({cfg.batch_size} per step"
+            f"{f' x {cfg.accum_steps} accumulated' if cfg.accum_steps > 1 else ''}{procs}); head lr {lr:g}")
+    if cfg.scale_lr and dist.enabled:
+        line += f" (--lr {cfg.lr:g} x {world} processes, --scale-lr)"
+    elif world > 1:
+        line += " (as given; --scale-lr multiplies it by the number of processes)"
+    return line
+
+
+def _partial_for_this_rank(state: dict, dist: Dist, log) -> EpochProgress | None:
+    """This rank's progress through the interrupted epoch, or None to start the epoch from its first batch."""
+    saved_world = int(state.get("world_size", 1))
+    partials = state.get("partials") or ([state["partial"]] if state.get("partial") else [])
+    if saved_world != dist.world_size:
+        log(f"warning: the run was saved by {saved_world} process(es) and resumes with {dist.world_size}; data order and "
+            "schedule differ from an unbroken run" + (", and the interrupted epoch starts again from its first batch" if partials else ""))
+        return None
+    return EpochProgress(**partials[dist.rank]) if partials else None
+
+
+def _reduce_epoch(stats, dist: Dist) -> dict:
+    """Train loss and accuracy over all ranks, the images trained on, and how many more than one rank saw."""
+    loss_sum, correct, seen, images = dist.sum([stats.loss_sum, stats.correct, stats.seen, stats.images])
+    per_rank = dist.gather(np.asarray(stats.indices, dtype=np.int64))
+    return {"loss": loss_sum / max(seen, 1), "accuracy": correct / max(seen, 1), "images": images,
+            "train_images": sum(len(r) for r in per_rank), "shard_overlap": distributed.shard_overlap(per_rank)}
+
+
+def _evaluate(model, loader, shard, hardware, num_classes: int, dist: Dist):
+    """Validation logits and labels of every sample, in the dataset's order, on every rank."""
+    if shard:
+        logits, labels = predict_logits(model, loader, hardware)
+    else:  # more ranks than validation images
+        logits, labels = np.zeros((0, num_classes), np.float32), np.zeros((0,), np.int64)
+    if not dist.enabled:
+        return logits, labels
+    parts = dist.gather((logits, labels))
+    return distributed.interleave([p[0] for p in parts]), distributed.interleave([p[1] for p in parts])
 
 
 def _save_best(run: RunDir, cfg: FinetuneConfig, model, classes, dataset: Dataset, logits, labels, epoch: int) -> None:
@@ -317,14 +494,15 @@ def _save_best(run: RunDir, cfg: FinetuneConfig, model, classes, dataset: Datase
 
 
 def _save_resume(run: RunDir, model, optimizer, trainer: Trainer, ema, epoch: int, bad_epochs: int,
-                 history, best, partial: EpochProgress | None) -> None:
+                 history, best, partials: list[dict] | None, world_size: int) -> None:
+    """Write last.pt (rank 0). ``partials``: each rank's progress through an interrupted epoch."""
     state = {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": trainer.scaler.state_dict(),
         "ema": ema.module.state_dict() if ema is not None else None, "epoch": epoch, "num_updates": trainer.num_updates,
-        "bad_epochs": bad_epochs, "history": history, "best": best,
-        "partial": vars(partial) if partial is not None else None,
+        "bad_epochs": bad_epochs, "history": history, "best": best, "world_size": world_size,
+        "partial": partials[0] if partials else None, "partials": partials,
     }
     atomic.write_with(run.resume_state, lambda tmp: torch.save(state, tmp))
 
 
-__all__ = ["finetune", "FinetuneResult", "Hardware", "np"]
+__all__ = ["finetune", "FinetuneResult", "TrainingInterrupted", "Hardware"]

@@ -79,6 +79,18 @@ def _check_name(name: str) -> None:
         raise UserInputError(f"unknown timm model {name!r}{hint}")
 
 
+def unreadable_reason(error: Exception) -> str:
+    """Why torch.load(weights_only=True) or safetensors refused a file, in a few words."""
+    import pickle
+
+    if isinstance(error, pickle.UnpicklingError):
+        return "it holds pickled Python objects, not only tensors"
+    if isinstance(error, EOFError):
+        return "the file is empty or cut short"
+    text = str(error).splitlines()[0][:160] if str(error) else "no detail"
+    return f"{type(error).__name__}: {text}"
+
+
 def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state dict from a safetensors file or a torch file (never unpickling objects)."""
     path = Path(path)
@@ -93,8 +105,8 @@ def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserInputError(
-            f"{path}: cannot be read as weights ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
-            "zoo loads only tensors (safetensors, or torch files with weights_only=True), never pickled objects"
+            f"{path}: cannot be read as weights ({unreadable_reason(e)}); zoo loads only tensors (safetensors, or torch "
+            "files with weights_only=True), never pickled objects: save model.state_dict() or a .safetensors file"
         ) from None
     for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):

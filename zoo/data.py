@@ -55,23 +55,47 @@ class Dataset:
 
 # --------------------------------------------------------------------------- images
 
-def load_rgb(path: str | os.PathLike):
-    """Open an image as 8-bit RGB, whatever its mode (grayscale, CMYK, 16-bit, palette)."""
+_PIL_WARNING_OFF = False
+
+
+def _pil_image():
     from PIL import Image
 
-    with warnings.catch_warnings():
-        # A decompression-bomb warning means an absurdly large image: treat it as bad.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
-            img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                import numpy as np
+    global _PIL_WARNING_OFF
+    if not _PIL_WARNING_OFF:
+        # load_rgb refuses oversized images itself (thread-safe); PIL's warning about them would only repeat it.
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+        _PIL_WARNING_OFF = True
+    return Image
 
-                arr = np.asarray(img, dtype=np.float64)
-                hi = arr.max() if arr.size else 1.0
-                arr = (arr / (hi if hi > 0 else 1.0) * 255.0).clip(0, 255).astype(np.uint8)
-                img = Image.fromarray(arr, mode="L")
-            return img.convert("RGB")
+
+def load_rgb(path: str | os.PathLike):
+    """Open an image as 8-bit RGB, whatever its mode (grayscale, CMYK, 16-bit, palette).
+
+    An image of more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (about 89 million) is
+    refused with ``DecompressionBombError`` from its header, before anything is decoded
+    (a check of our own: the warnings machinery PIL uses below twice that size is not
+    thread-safe, and images are checked in threads). 16-bit images are scaled by their
+    bit depth (65535 -> 255), so a pixel value means the same brightness in every image.
+    """
+    import numpy as np
+
+    Image = _pil_image()
+    with Image.open(path) as img:
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit and img.width * img.height > limit:
+            raise Image.DecompressionBombError(
+                f"{img.width}x{img.height} = {img.width * img.height} pixels, more than the limit of {limit} "
+                "(PIL.Image.MAX_IMAGE_PIXELS); could be a decompression bomb")
+        img.load()
+        if img.mode.startswith("I;16") or img.mode == "I":
+            arr = np.asarray(img).astype(np.float64).clip(0, 65535)
+            img = Image.fromarray(np.rint(arr / 257.0).astype(np.uint8), mode="L")
+        elif img.mode == "F":
+            arr = np.nan_to_num(np.asarray(img, dtype=np.float64))
+            lo, hi = (0.0, 1.0) if arr.size == 0 or (arr.min() >= 0 and arr.max() <= 1) else (arr.min(), arr.max())
+            img = Image.fromarray(np.rint((arr - lo) / ((hi - lo) or 1.0) * 255).astype(np.uint8), mode="L")
+        return img.convert("RGB")
 
 
 def check_image(path: Path) -> str | None:
@@ -166,15 +190,27 @@ def read_image_folder(root: Path, allow_outside_root: bool = False) -> Dataset:
     return Dataset(root=root, kind="folder", classes=classes, splits=splits, warnings=warns)
 
 
+def _read_csv_rows(csv_path: Path, required: Sequence[str]) -> list[dict[str, str]]:
+    """The rows of a UTF-8 CSV file as dicts of stripped strings; one clear error if it cannot be read."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            missing = [c for c in required if c not in columns]
+            if missing:
+                raise UserInputError(f"{csv_path}: missing column(s) {missing}; expected a header "
+                                     f"{','.join(required)}[,...], got {columns}")
+            return [{k.strip(): (v or "").strip() for k, v in row.items() if isinstance(k, str)} for row in reader]
+    except UnicodeDecodeError as e:
+        raise UserInputError(f"{csv_path}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset {e.start}); "
+                             "save it as UTF-8 (in Excel: CSV UTF-8)") from None
+    except csv.Error as e:
+        raise UserInputError(f"{csv_path}: not a readable CSV file ({e}); expected a header line and one row per image") from None
+
+
 def read_csv_dataset(csv_path: Path, allow_outside_root: bool = False) -> Dataset:
     root = csv_path.parent.resolve()
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        missing = [c for c in ("path", "label") if c not in columns]
-        if missing:
-            raise UserInputError(f"{csv_path}: missing column(s) {missing}; expected a header path,label[,split], got {columns}")
-        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+    rows = _read_csv_rows(csv_path, required=("path", "label"))
     if not rows:
         raise UserInputError(f"{csv_path}: no rows under the header")
     by_split: dict[str, list[tuple[int, dict]]] = {}
@@ -190,6 +226,7 @@ def read_csv_dataset(csv_path: Path, allow_outside_root: bool = False) -> Datase
     classes = sorted({row["label"] for _, row in by_split["train"]})
     splits: dict[str, list[Sample]] = {}
     warns: list[str] = []
+    listed: dict[Path, tuple[str, int]] = {}  # image -> (split, line) where first listed
     for split, items in by_split.items():
         samples = []
         for line, row in items:
@@ -206,6 +243,14 @@ def read_csv_dataset(csv_path: Path, allow_outside_root: bool = False) -> Datase
                         "move the image under it or pass --allow-outside-root"
                     ) from None
                 sample_id = full.as_posix()
+            if full in listed:
+                first_split, first_line = listed[full]
+                if first_split == split:
+                    raise UserInputError(f"{csv_path}:{line}: path {row['path']!r} is listed again in {split} (first on line "
+                                         f"{first_line}); list each image once per split")
+                warns.append(f"{csv_path}:{line}: {row['path']!r} is in {split} and in {first_split} (line {first_line}); "
+                             f"scores on {split} will be optimistic")
+            listed.setdefault(full, (split, line))
             samples.append(Sample(full, sample_id, classes.index(row["label"])))
         if split != "train":
             present = {s.label for s in samples}
@@ -266,8 +311,11 @@ def read_dataset(data: str | os.PathLike, *, val_fraction: float = 0.2, val_from
     return dataset
 
 
-def read_prediction_images(data: str | os.PathLike, classes: Sequence[str], split: str = "test") -> tuple[Path, list[Sample]]:
+def read_prediction_images(data: str | os.PathLike, classes: Sequence[str], split: str = "test",
+                           allow_outside_root: bool = False) -> tuple[Path, list[Sample]]:
     """Images to predict: a split of a dataset, or any folder of images.
+
+    CSV paths must stay under the CSV's folder unless ``allow_outside_root``.
 
     ``split`` is ``train``, ``val`` or ``test`` (that folder of an image-folder dataset, or
     those rows of a CSV), or ``all`` (every image under ``data``). Labels come from the
@@ -280,15 +328,25 @@ def read_prediction_images(data: str | os.PathLike, classes: Sequence[str], spli
         if path.suffix.lower() != ".csv":
             raise UserInputError(f"{path}: expected an image folder or a .csv file")
         root = path.parent.resolve()
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
-        if rows and "path" not in rows[0]:
-            raise UserInputError(f"{path}: missing column 'path'")
-        samples = []
-        for row in rows:
+        rows = _read_csv_rows(path, required=("path",))
+        samples, listed = [], {}
+        for line, row in enumerate(rows, start=2):
             if split != "all" and (row.get("split") or "train") != split:
                 continue
+            if not row.get("path"):
+                raise UserInputError(f"{path}:{line}: empty path")
             full = (root / row["path"]).resolve()
+            if not allow_outside_root and not full.is_relative_to(root):
+                raise UserInputError(f"{path}:{line}: path {row['path']!r} is outside the dataset root {root}; "
+                                     "move the image under it")
+            row_split = row.get("split") or "train"
+            if full in listed:
+                first_split, first_line = listed[full]
+                if first_split == row_split:
+                    raise UserInputError(f"{path}:{line}: path {row['path']!r} is listed again in {row_split} (first on line "
+                                         f"{first_line}); list each image once per split")
+                continue  # --split all: an image in two splits is predicted once
+            listed[full] = (row_split, line)
             label = classes.index(row["label"]) if row.get("label") in classes else -1
             samples.append(Sample(full, _safe_id(full, root), label))
         return root, samples
