@@ -90,13 +90,19 @@ class FinetuneConfig:
     scale_lr: bool = option(False, "under torchrun: multiply --lr by the number of processes (linear scaling rule: N processes "
                                    "make each step's batch N times larger); without it --lr is used as given")
     seed: int = option(0, "random seed (data order, augmentation, head init, validation split)")
-    resume: bool = option(False, "continue the run in --out from its last finished epoch")
+    resume: bool = option(False, "continue the run in --out where it stopped (mid-epoch after Ctrl-C/SIGTERM), with its saved options")
 
     def create_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for timm.create_model beyond the name and head."""
         import json
 
         kwargs = json.loads(self.model_kwargs) if self.model_kwargs else {}
+        if self.input_size is not None and "img_size" not in kwargs:
+            from zoo.backbones import needs_img_size
+
+            # ViT-style models are built for one input size: build them for the asked one.
+            if needs_img_size(self.backbone):
+                kwargs["img_size"] = self.input_size
         if self.drop_path is not None:
             kwargs["drop_path_rate"] = self.drop_path
         return kwargs

@@ -130,3 +130,12 @@ def test_run_config_records_what_reproduces_the_run(tmp_path, image_folder):
     assert np.array(report["confusion_matrix"]).sum() == 12
     assert (tmp_path / "run" / "metrics.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "run" / "worst_val_errors.csv").read_text().startswith("id,label,predicted")
+
+
+def test_a_fixed_size_vit_trains_and_predicts_at_the_asked_input_size(tmp_path, image_folder):
+    # vit_tiny is built for 224x224 inputs; --input-size must rebuild it for 32x32.
+    run = tmp_path / "run"
+    finetune(tiny_config(image_folder, run, backbone="vit_tiny_patch16_224", epochs=1), progress=False, log=quiet)
+    config = json.loads((run / "config.json").read_text())
+    assert config["model_kwargs"]["img_size"] == 32 and config["data_config"]["input_size"] == [3, 32, 32]
+    assert predict_run(run, image_folder, split="val").logits.shape == (12, 3)

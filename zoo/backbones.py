@@ -91,6 +91,15 @@ def unreadable_reason(error: Exception) -> str:
     return f"{type(error).__name__}: {text}"
 
 
+def needs_img_size(name: str) -> bool:
+    """Whether ``name`` is built for a fixed input size (ViT-style), so a new size must be passed as ``img_size``."""
+    try:
+        cfg = timm.models.get_pretrained_cfg(name) or timm.models.get_pretrained_cfg(name.split(".")[0])
+    except Exception:  # unknown name: the factory reports it
+        return False
+    return bool(cfg is not None and cfg.fixed_input_size)
+
+
 def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state dict from a safetensors file or a torch file (never unpickling objects)."""
     path = Path(path)

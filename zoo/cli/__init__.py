@@ -7,6 +7,8 @@ it into a one-line message (no traceback) and exit status 1.
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from zoo import __version__
@@ -18,6 +20,8 @@ class ZooGroup(click.Group):
         try:
             return super().invoke(ctx)
         except UserInputError as e:
+            if os.environ.get("RANK", "0") != "0":
+                raise SystemExit(1) from None  # under torchrun, rank 0 alone says what went wrong
             raise click.ClickException(str(e)) from None
 
 

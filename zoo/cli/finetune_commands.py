@@ -65,6 +65,8 @@ def finetune_command(**options):
     if not cfg.resume and not cfg.backbone:
         raise click.UsageError("BACKBONE is required, e.g. `zoo finetune resnet50 --data DIR --out RUN`")
     result = finetune(cfg)
+    if result.rank != 0:  # under torchrun, rank 0 alone prints the result
+        return
     click.echo(f"{result.run.root}\tbest_epoch={result.best_epoch}\tval_loss={result.best_val_loss:.4f}\t"
                f"val_accuracy={result.best_val_accuracy:.4f}\t{result.stopped}")
 
