@@ -53,10 +53,10 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from finetune.config import FinetuneConfig  # noqa: E402
-from finetune.engine import Hardware, Trainer, resolve_hardware, seed_everything  # noqa: E402
+from finetune.engine import Hardware, Trainer, keep_cpu_heap, resolve_hardware, seed_everything  # noqa: E402
 from finetune.freeze import freeze_stages, frozen_group_count, set_train_mode  # noqa: E402
 from finetune.optim import create_optimizer, create_schedule, group_lr_scales  # noqa: E402
-from zoo.backbones import create_backbone, stage_groups  # noqa: E402
+from zoo.backbones import create_backbone, needs_img_size, stage_groups  # noqa: E402
 from zoo.errors import UserInputError  # noqa: E402
 
 DEFAULT_MODELS = ("resnet18", "tf_efficientnet_lite0", "vit_tiny_patch16_224")
@@ -82,9 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--plain-frozen-bn-eval", action="store_true",
                    help="also keep the plain loop's frozen BatchNorm layers in eval mode, as zoo does (then only the loop "
                         "itself differs; by default the plain loop trains them, so it computes batch statistics there)")
-    p.add_argument("--keep-heap", action="store_true",
-                   help="glibc: never trim the heap nor mmap large blocks (mallopt), for both paths, so page faults "
-                        "from the allocator's adaptive thresholds do not depend on the process's history")
+    p.add_argument("--default-heap", dest="keep_heap", action="store_false",
+                   help="leave glibc's allocator at its defaults (by default, as `zoo finetune` on the CPU, the heap is "
+                        "never trimmed nor large blocks mmapped: keep_cpu_heap; it applies to both paths, same process)")
     p.add_argument("--no-fp32-reference", action="store_true", help="on CUDA, skip the plain fp32 reference run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", default=None, help="write the results (and every timed run) as JSON")
@@ -239,37 +239,6 @@ def timed(run, batches, device: torch.device) -> tuple[float, float, int]:
     return time.perf_counter() - start, time.process_time() - start_cpu, minor_faults() - start_faults
 
 
-def keep_heap() -> bool:
-    """glibc malloc: never trim the heap nor serve blocks with mmap, so freed memory is reused, not re-faulted.
-
-    By default glibc returns the top of the heap to the OS when enough of it is free and
-    serves large blocks with mmap (both thresholds adapt as the process runs); a training
-    step that frees and reallocates its activations can then take thousands of page
-    faults per step, or none, depending on the whole process's allocation history.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name or not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    return bool(mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)) and bool(mallopt(M_MMAP_MAX, 0))
-
-
-def model_kwargs_for(name: str, input_size: int) -> dict:
-    """Models with a fixed input size (ViT) are built for ``input_size``."""
-    cfg = timm.models.get_pretrained_cfg(name.split(".")[0])
-    fixed = getattr(cfg, "fixed_input_size", False) if cfg is not None else False
-    if fixed and tuple(cfg.input_size[1:]) != (input_size, input_size):
-        return {"img_size": input_size}
-    return {}
-
-
 def precision_label(hw: Hardware) -> str:
     amp = {None: "fp32", torch.bfloat16: "bf16 mixed", torch.float16: "fp16 mixed"}[hw.amp_dtype]
     return amp + (" + CL" if hw.channels_last else "")
@@ -278,7 +247,7 @@ def precision_label(hw: Hardware) -> str:
 def bench_model(name: str, args, hardware: Hardware, log) -> list[dict]:
     cfg = FinetuneConfig(backbone=name)
     device, bs = hardware.device, args.batch_size
-    zoo_run, pristine = build_zoo(name, cfg, hardware, args.num_classes, args.steps, model_kwargs_for(name, args.input_size))
+    zoo_run, pristine = build_zoo(name, cfg, hardware, args.num_classes, args.steps, ({"img_size": args.input_size} if needs_img_size(name) else {}))
     bn_eval = args.plain_frozen_bn_eval
     runs = {"zoo": zoo_run,
             "plain": build_plain(pristine, zoo_run.frozen_names, cfg, device, hardware.amp_dtype, hardware.channels_last, bn_eval)}
@@ -360,7 +329,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     hardware = resolve_hardware(args.device, None, None)  # what `zoo finetune` resolves with no --amp/--channels-last
     on_gpu = hardware.device.type == "cuda"
-    if args.keep_heap and not keep_heap():
+    if args.keep_heap and hardware.device.type == "cpu" and not keep_cpu_heap():
         print("bench_train: --keep-heap needs glibc on Linux; running with the allocator's defaults", file=sys.stderr)
         args.keep_heap = False
     threads = args.threads or (torch.get_num_threads() if on_gpu else free_cores(torch.get_num_threads()))

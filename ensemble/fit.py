@@ -343,8 +343,9 @@ def _warnings(ens: Ensemble) -> list[str]:
             else:
                 why = f"it is worse in-sample too: {ens.method} found no better blend than equal weights here"
         else:
-            why = "the weights over-fit the validation set; " + (
-                "try --bags 20 or fewer --iterations" if ens.method == "greedy" else "try --method greedy --bags 20, or slsqp")
+            fixes = {"greedy": "try --bags 20 or fewer --iterations",
+                     "slsqp": "with this few validation rows, equal weights (or --method greedy --bags 20) may serve better"}
+            why = "the weights over-fit the validation set; " + fixes.get(ens.method, "try --method greedy --bags 20, or slsqp")
         out.append(f"out of sample the fitted {ens.method} blend is worse than equal weights ({target} "
                    f"{cv['ensemble'][target]:.4f} vs {cv['equal_weight'][target]:.4f}): {why}")
     return out

@@ -26,7 +26,7 @@ import zoo
 from finetune import distributed, loaders
 from finetune.config import FinetuneConfig
 from finetune.distributed import Dist
-from finetune.engine import (EpochProgress, Hardware, Trainer, TrainingDiverged, log_loss_and_accuracy,
+from finetune.engine import (EpochProgress, Hardware, Trainer, TrainingDiverged, keep_cpu_heap, log_loss_and_accuracy,
                              predict_logits, resolve_hardware, seed_everything, stderr_log)
 from finetune.freeze import count_parameters, freeze_stages, frozen_group_count, set_train_mode
 from finetune.optim import create_optimizer, create_schedule, current_rates, group_lr_scales
@@ -225,6 +225,8 @@ def _train(cfg: FinetuneConfig, run: RunDir, resume_state: dict | None, dist: Di
     world = dist.world_size
     check_distributed_options(cfg, dist)
     hardware = resolve_hardware(str(dist.device) if dist.enabled else cfg.device, cfg.amp, cfg.channels_last)
+    if hardware.device.type == "cpu":
+        keep_cpu_heap()
     show_progress = dist.is_main and (sys.stderr.isatty() if progress is None else progress)
     lr = cfg.lr * world if cfg.scale_lr else cfg.lr  # linear scaling rule: the batch of a step is `world` times larger
     effective_batch = cfg.batch_size * cfg.accum_steps * world
