@@ -21,10 +21,10 @@ def test_frozen_stage_weights_and_bn_statistics_are_bit_identical_after_training
     from finetune.engine import seed_everything
 
     seed_everything(cfg.seed)
-    start = create_backbone(backbone, 3, pretrained=False).state_dict()
+    start = create_backbone(backbone, 3, pretrained=False, **cfg.create_kwargs()).state_dict()
     finetune(cfg, progress=False, log=lambda m: None)
     trained = load_file(str(tmp_path / "run" / "model.safetensors"))
-    model = create_backbone(backbone, 3, pretrained=False)
+    model = create_backbone(backbone, 3, pretrained=False, **cfg.create_kwargs())
     groups = stage_groups(model)
     frozen_params = {n for g in groups[:2] for n in g.param_names}
     frozen_modules = {n.rsplit(".", 1)[0] for n in frozen_params}
