@@ -63,14 +63,16 @@ def load_run(run: str | os.PathLike, device: torch.device | None = None) -> tupl
 
 def predict_run(run: str | os.PathLike, data: str | os.PathLike, split: str = "test", tta: int = 1,
                 batch_size: int = 64, device: str | None = None, workers: int | None = None,
-                log: Callable[[str], None] | None = None) -> Predictions:
-    """Predict ``split`` of ``data`` (or every image, ``split='all'``) with a run's best model."""
+                log: Callable[[str], None] | None = None, allow_outside_root: bool = False) -> Predictions:
+    """Predict ``split`` of ``data`` (or every image, ``split='all'``) with a run's best model.
+
+    CSV paths must stay under the CSV's folder unless ``allow_outside_root``."""
     views = tta_views(tta)
     hardware = resolve_hardware(device, None, None)
     model, config = load_run(run, hardware.device)
     if hardware.channels_last:
         model.to(memory_format=torch.channels_last)
-    root, samples = read_prediction_images(data, config["classes"], split)
+    root, samples = read_prediction_images(data, config["classes"], split, allow_outside_root=allow_outside_root)
     good, bad = check_images(samples, workers=loaders.default_workers(workers))
     if bad and log is not None:
         log(f"warning: skipped {len(bad)} unreadable image(s), e.g. {bad[0][0]}: {bad[0][1]}")

@@ -454,3 +454,23 @@ def test_bad_resume_state_is_one_line_and_nothing_runs(tmp_path, monkeypatch, im
     assert not (tmp_path / "PWNED_BY_PICKLE").exists()
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # nothing lost or changed
 
+
+
+def test_zoo_predict_takes_csv_paths_outside_the_root_only_with_the_flag(tmp_path, image_folder):
+    from click.testing import CliRunner
+
+    from finetune.train import finetune
+    from tests.conftest import tiny_config
+    from zoo.cli import main
+
+    run = tmp_path / "run"
+    finetune(tiny_config(image_folder, run, epochs=1), progress=False, log=lambda m: None)
+    listing = tmp_path / "lists" / "new.csv"
+    listing.parent.mkdir()
+    listing.write_text(f"path,label,split\n{image_folder / 'val' / 'ant' / 'ant_0.png'},ant,test\n")
+    out = tmp_path / "p.safetensors"
+    refused = CliRunner().invoke(main, ["predict", str(run), "--data", str(listing), "--out", str(out)])
+    assert refused.exit_code == 1 and "outside the dataset root" in refused.output and not out.exists()
+    allowed = CliRunner().invoke(main, ["predict", str(run), "--data", str(listing), "--out", str(out), "--allow-outside-root"])
+    assert allowed.exit_code == 0, allowed.output
+    assert out.is_file()

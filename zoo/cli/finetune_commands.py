@@ -80,13 +80,15 @@ def finetune_command(**options):
 @click.option("--tta", default=1, show_default=True, help="test-time augmentation views (1: none; 2: + flip; up to 6 with zooms)")
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--device", default=None, help="cuda, cpu ... (default: cuda when present)")
-def predict_command(run, data, split, out, tta, batch_size, device):
+@click.option("--allow-outside-root", is_flag=True, help="allow CSV paths outside the CSV's folder")
+def predict_command(run, data, split, out, tta, batch_size, device, allow_outside_root):
     """Predict images with a run's best model and write a prediction file."""
     from finetune.engine import log_loss_and_accuracy, stderr_log
     from finetune.inference import predict_run
     from zoo.predictions import write_predictions
 
-    preds = predict_run(run, data, split=split, tta=tta, batch_size=batch_size, device=device, log=stderr_log)
+    preds = predict_run(run, data, split=split, tta=tta, batch_size=batch_size, device=device, log=stderr_log,
+                        allow_outside_root=allow_outside_root)
     write_predictions(out, preds)
     loss, acc = log_loss_and_accuracy(preds.logits, preds.labels)
     known = int((preds.labels >= 0).sum())
