@@ -54,9 +54,9 @@ from torch import nn  # noqa: E402
 
 from finetune.config import FinetuneConfig  # noqa: E402
 from finetune.engine import Hardware, Trainer, keep_cpu_heap, resolve_hardware, seed_everything  # noqa: E402
-from finetune.freeze import freeze_stages, frozen_group_count, set_train_mode  # noqa: E402
-from finetune.optim import create_optimizer, create_schedule, group_lr_scales  # noqa: E402
-from zoo.backbones import create_backbone, needs_img_size, stage_groups  # noqa: E402
+from finetune.freeze import set_train_mode  # noqa: E402
+from finetune.optim import create_schedule, prepare_training  # noqa: E402
+from zoo.backbones import create_backbone, needs_img_size  # noqa: E402
 from zoo.errors import UserInputError  # noqa: E402
 
 DEFAULT_MODELS = ("resnet18", "tf_efficientnet_lite0", "vit_tiny_patch16_224")
@@ -144,20 +144,10 @@ def build_zoo(name: str, cfg: FinetuneConfig, hardware: Hardware, num_classes: i
     Also returns an untouched copy of the freshly created model (same initial weights) for the plain loop.
     """
     seed_everything(cfg.seed)
-    if hasattr(cfg, "create_kwargs"):
-        model_kwargs = {**cfg.create_kwargs(), **model_kwargs}
-    elif cfg.drop_path is not None:
-        model_kwargs = {**model_kwargs, "drop_path_rate": cfg.drop_path}
-    model = create_backbone(name, num_classes, pretrained=False, **model_kwargs)
+    model = create_backbone(name, num_classes, pretrained=False, **{**cfg.create_kwargs(), **model_kwargs})
     pristine = copy.deepcopy(model)
-    groups = stage_groups(model)
-    model.to(hardware.device)
-    if hardware.channels_last:
-        model.to(memory_format=torch.channels_last)
-    frozen = frozen_group_count(cfg.freeze, cfg.unfreeze_at, 0, len(groups))
-    frozen_norms = freeze_stages(model, groups, frozen)
-    rates = group_lr_scales(groups, cfg.layer_decay, cfg.backbone_lr_mult)
-    optimizer = create_optimizer(model, rates, cfg.optimizer, cfg.lr, cfg.weight_decay)
+    setup = prepare_training(model, cfg, hardware, cfg.lr)
+    groups, frozen, frozen_norms, optimizer = setup.groups, setup.frozen, setup.frozen_norms, setup.optimizer
     scheduler = create_schedule(optimizer, cfg.schedule, lr=cfg.lr, epochs=cfg.epochs, updates_per_epoch=steps_per_epoch,
                                 warmup_epochs=cfg.warmup_epochs, min_lr_ratio=cfg.min_lr_ratio, restarts=cfg.restarts)
     train_model = torch.compile(model) if cfg.compile else model

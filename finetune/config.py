@@ -107,6 +107,11 @@ class FinetuneConfig:
             kwargs["drop_path_rate"] = self.drop_path
         return kwargs
 
+    def data_overrides(self) -> dict[str, Any]:
+        """The data-config values the user set (None: the model's pretrained config decides)."""
+        return {"input_size": self.input_size, "mean": self.mean, "std": self.std,
+                "interpolation": self.interpolation, "crop_pct": self.crop_pct}
+
     def to_dict(self) -> dict[str, Any]:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in dataclasses.fields(self)}
 

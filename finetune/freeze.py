@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 from torch import nn
 
 from zoo.backbones import StageGroup
@@ -55,11 +54,3 @@ def set_train_mode(model: nn.Module, frozen_norms: Sequence[nn.Module]) -> None:
 def count_parameters(model: nn.Module, names: Sequence[str]) -> int:
     params = dict(model.named_parameters())
     return sum(params[n].numel() for n in names)
-
-
-def trainable_fraction(model: nn.Module) -> float:
-    total = sum(p.numel() for p in model.parameters())
-    return sum(p.numel() for p in model.parameters() if p.requires_grad) / max(total, 1)
-
-
-__all__ = ["frozen_group_count", "freeze_stages", "set_train_mode", "count_parameters", "trainable_fraction", "torch"]

@@ -14,15 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from finetune import loaders
 from finetune.config import FinetuneConfig
 from finetune.engine import resolve_hardware, seed_everything, smooth_one_hot, soft_cross_entropy, stderr_log
-from finetune.freeze import freeze_stages, frozen_group_count, set_train_mode
-from finetune.optim import create_optimizer, group_lr_scales
+from finetune.freeze import set_train_mode
+from finetune.optim import prepare_training
 from zoo import atomic
-from zoo.backbones import create_backbone, data_config, stage_groups
+from zoo.backbones import create_backbone, data_config
 from zoo.data import check_images, read_dataset
 from zoo.errors import UserInputError
 
@@ -79,12 +78,10 @@ def lr_find(cfg: FinetuneConfig, *, start_lr: float = 1e-7, end_lr: float = 10.0
         log(f"warning: skipped {len(bad)} unreadable image(s), e.g. {bad[0][0]}")
     generator = seed_everything(cfg.seed)
     model = create_backbone(cfg.backbone, len(dataset.classes), pretrained=cfg.pretrained, weights=cfg.weights,
-                            **cfg.create_kwargs()).to(hardware.device)
-    groups = stage_groups(model)
-    frozen_norms = freeze_stages(model, groups, frozen_group_count(cfg.freeze, None, 0, len(groups)))
-    optimizer = create_optimizer(model, group_lr_scales(groups, cfg.layer_decay, cfg.backbone_lr_mult), cfg.optimizer,
-                                 cfg.lr, cfg.weight_decay)
-    dcfg = data_config(model, {"input_size": cfg.input_size, "mean": cfg.mean, "std": cfg.std, "interpolation": cfg.interpolation})
+                            **cfg.create_kwargs())
+    setup = prepare_training(model, cfg, hardware, cfg.lr)
+    frozen_norms, optimizer = setup.frozen_norms, setup.optimizer
+    dcfg = data_config(model, cfg.data_overrides())
     transform = loaders.train_transform(dcfg, auto_augment=cfg.auto_augment, crop_scale=cfg.crop_scale, hflip=cfg.hflip)
     loader = loaders.train_loader(train, transform, batch_size=cfg.batch_size, workers=loaders.default_workers(cfg.workers),
                                   generator=generator, num_classes=len(dataset.classes), balanced=False, drop_last=True,

@@ -95,3 +95,34 @@ def current_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     for group in optimizer.param_groups:
         rates.setdefault(group["group_name"].removesuffix("/no_decay"), group["lr"])
     return rates
+
+
+@dataclass
+class TrainingSetup:
+    """A model made ready to train: its stage groups, the frozen ones, their rates, the optimizer."""
+
+    groups: list[StageGroup]
+    frozen: int
+    frozen_norms: list[torch.nn.Module]
+    rates: list[GroupRate]
+    optimizer: torch.optim.Optimizer
+
+
+def prepare_training(model: torch.nn.Module, cfg, hardware, lr: float) -> TrainingSetup:
+    """Move ``model`` to the device (channels-last where asked), freeze its first groups as
+    ``cfg`` says for epoch 0, and build the optimizer with the per-group rates.
+
+    The one recipe that ``finetune``, ``lr_find`` and the training benchmark share.
+    """
+    from finetune.freeze import freeze_stages, frozen_group_count
+    from zoo.backbones import stage_groups
+
+    groups = stage_groups(model)
+    model.to(hardware.device)
+    if hardware.channels_last:
+        model.to(memory_format=torch.channels_last)
+    frozen = frozen_group_count(cfg.freeze, cfg.unfreeze_at, 0, len(groups))
+    frozen_norms = freeze_stages(model, groups, frozen)
+    rates = group_lr_scales(groups, cfg.layer_decay, cfg.backbone_lr_mult)
+    optimizer = create_optimizer(model, rates, cfg.optimizer, lr, cfg.weight_decay)
+    return TrainingSetup(groups, frozen, frozen_norms, rates, optimizer)

@@ -29,10 +29,10 @@ from finetune.distributed import Dist
 from finetune.engine import (EpochProgress, Hardware, Trainer, TrainingDiverged, keep_cpu_heap, log_loss_and_accuracy,
                              predict_logits, resolve_hardware, seed_everything, stderr_log)
 from finetune.freeze import count_parameters, freeze_stages, frozen_group_count, set_train_mode
-from finetune.optim import create_optimizer, create_schedule, current_rates, group_lr_scales
+from finetune.optim import create_schedule, current_rates, prepare_training
 from finetune.report import format_report, plot_metrics, write_best_epoch_report, write_metrics
 from zoo import atomic
-from zoo.backbones import create_backbone, data_config, stage_groups, state_dict_hash, unreadable_reason
+from zoo.backbones import create_backbone, data_config, state_dict_hash, unreadable_reason
 from zoo.data import CLASS_ORDER, Dataset, check_images, read_dataset
 from zoo.errors import UserInputError
 from zoo.predictions import Predictions, write_predictions
@@ -243,22 +243,15 @@ def _train(cfg: FinetuneConfig, run: RunDir, resume_state: dict | None, dist: Di
     model_kwargs = cfg.create_kwargs()
     model = create_backbone(cfg.backbone, num_classes, pretrained=cfg.pretrained, weights=cfg.weights, **model_kwargs)
     start_hash = state_dict_hash(model)
-    dcfg = data_config(model, {"input_size": cfg.input_size, "mean": cfg.mean, "std": cfg.std,
-                               "interpolation": cfg.interpolation, "crop_pct": cfg.crop_pct})
+    dcfg = data_config(model, cfg.data_overrides())
     if cfg.sync_bn and dist.enabled:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same tensor names: checkpoints stay plain timm
     elif cfg.sync_bn:
         log("note: --sync-bn has no effect in a single process")
-    groups = stage_groups(model)
-    model.to(hardware.device)
-    if hardware.channels_last:
-        model.to(memory_format=torch.channels_last)
 
     # Frozen stages, differential learning rates, optimizer, schedule.
-    frozen = frozen_group_count(cfg.freeze, cfg.unfreeze_at, 0, len(groups))
-    frozen_norms = freeze_stages(model, groups, frozen)
-    rates = group_lr_scales(groups, cfg.layer_decay, cfg.backbone_lr_mult)
-    optimizer = create_optimizer(model, rates, cfg.optimizer, lr, cfg.weight_decay)
+    setup = prepare_training(model, cfg, hardware, lr)
+    groups, frozen, frozen_norms, rates, optimizer = setup.groups, setup.frozen, setup.frozen_norms, setup.rates, setup.optimizer
     workers = loaders.default_workers(cfg.workers)
     pin = hardware.device.type == "cuda"
     mixup = None

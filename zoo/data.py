@@ -289,6 +289,15 @@ def split_from_train(dataset: Dataset, fraction: float, seed: int) -> Dataset:
                    val_source="from-train", skipped=dataset.skipped, warnings=dataset.warnings)
 
 
+def _reader_for(path: Path) -> str:
+    """Which reader --data needs: "csv" for a .csv file, "folder" for a folder."""
+    if not path.exists():
+        raise UserInputError(f"{path}: no such file or folder; --data takes an image folder (train/<class>/...) or a CSV")
+    if path.is_file() and path.suffix.lower() != ".csv":
+        raise UserInputError(f"{path}: --data takes an image folder or a .csv file, got a {path.suffix or 'extensionless'} file")
+    return "csv" if path.is_file() else "folder"
+
+
 def read_dataset(data: str | os.PathLike, *, val_fraction: float = 0.2, val_from_train: bool = False,
                  seed: int = 0, allow_outside_root: bool = False) -> Dataset:
     """Read an image folder or CSV dataset, with a validation split.
@@ -298,14 +307,7 @@ def read_dataset(data: str | os.PathLike, *, val_fraction: float = 0.2, val_from
     test split if it has no ``test/``.
     """
     path = Path(data)
-    if not path.exists():
-        raise UserInputError(f"{path}: no such file or folder; --data takes an image folder (train/<class>/...) or a CSV")
-    if path.is_file():
-        if path.suffix.lower() != ".csv":
-            raise UserInputError(f"{path}: --data takes an image folder or a .csv file, got a {path.suffix or 'extensionless'} file")
-        dataset = READERS["csv"](path, allow_outside_root=allow_outside_root)
-    else:
-        dataset = READERS["folder"](path, allow_outside_root=allow_outside_root)
+    dataset = READERS[_reader_for(path)](path, allow_outside_root=allow_outside_root)
     if val_from_train or not dataset.split("val"):
         dataset = split_from_train(dataset, val_fraction, seed)
     return dataset
@@ -322,11 +324,7 @@ def read_prediction_images(data: str | os.PathLike, classes: Sequence[str], spli
     class folder (or CSV label) where it names one of ``classes``, else -1.
     """
     path = Path(data)
-    if not path.exists():
-        raise UserInputError(f"{path}: no such file or folder to predict")
-    if path.is_file():
-        if path.suffix.lower() != ".csv":
-            raise UserInputError(f"{path}: expected an image folder or a .csv file")
+    if _reader_for(path) == "csv":
         root = path.parent.resolve()
         rows = _read_csv_rows(path, required=("path",))
         samples, listed = [], {}

@@ -6,8 +6,6 @@ Nothing here imports torch: only ``zoo ensemble predict --data`` does, inside
 
 from __future__ import annotations
 
-import warnings
-
 import click
 
 from ensemble.combine import COMBINE_RULES
