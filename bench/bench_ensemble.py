@@ -10,7 +10,13 @@ members, and prints the time ratio. It also times the whole ``fit_ensemble`` pip
 cross-validation). Stacking (logistic regression on M x C features) is compared with
 slsqp through the whole pipeline at its own, smaller size.
 
+It also runs the whole default ``zoo ensemble fit`` (member temperatures, weights, final
+temperature, 5-fold CV) as the command line does, in a fresh process, on prediction files
+written to disk, and reports its wall time and peak memory (``ru_maxrss`` of that process)
+against the size of the predictions (``--cli-size``).
+
     python bench/bench_ensemble.py                        # the sizes of the issue, ~4 min on 2 cores
+    python bench/bench_ensemble.py --methods none --stacking-size none    # the whole command only
     python bench/bench_ensemble.py --sizes 8x2000x10 --stacking-size 4x1000x5 --cv 2    # seconds
 """
 
@@ -111,7 +117,6 @@ def bench_size(m: int, n: int, c: int, cv: int, methods: list[str], rows: list[d
 
     searches = {
         "slsqp": dict(method="slsqp"),
-        "slsqp+T": dict(method="slsqp", temperature=True),
         "greedy": dict(method="greedy", n_iter=GREEDY_STEPS - 1, n_init=1),
         "greedy(accuracy)": dict(method="greedy", metric="accuracy", n_iter=GREEDY_STEPS - 1, n_init=1),
         "random": dict(method="random", n_iter=1000),
@@ -128,10 +133,7 @@ def bench_size(m: int, n: int, c: int, cv: int, methods: list[str], rows: list[d
             _, seconds = timed(lambda: search.fit(cal, labels))
         lp = search.predict_log_proba(cal)
         note = ""
-        if getattr(search, "temperature_", 1.0) != 1.0:
-            lp = apply_temperature(lp, search.temperature_)
-            note = f"final T {search.temperature_:.3f} fitted with the weights"
-        elif name.startswith("greedy"):
+        if name.startswith("greedy"):
             note = f"{GREEDY_STEPS} steps, best prefix {search.best_step_ + 1}"
         elif name == "random":
             note = f"{search.n_evaluated_} blends"
@@ -186,6 +188,40 @@ def bench_stacking(m: int, n: int, c: int, cv: int, rows: list[dict]) -> None:
         print(f"# {method} at {m} x {n} x {c}, cv={folds}: {seconds:.2f} s, log loss {s['log_loss']:.4f}", flush=True)
 
 
+def bench_cli(m: int, n: int, c: int, rows: list[dict]) -> None:
+    """The whole default ``zoo ensemble fit``, as a user runs it: prediction files on disk, a
+    fresh process; wall seconds and that process's peak resident memory."""
+    import resource
+    import subprocess
+    import tempfile
+
+    from ensemble.synthetic import write_synthetic_runs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        members = make_members(m, n, c)
+        runs = [str(r) for r in write_synthetic_runs(Path(tmp) / "runs", members)]
+        size = sum(p.logits.nbytes for p in members)
+        del members
+        command = [sys.executable, "-m", "zoo", "ensemble", "fit", *runs, "--out", str(Path(tmp) / "ens.json")]
+        start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+        done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+        seconds = time.perf_counter() - start
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if done.returncode != 0:
+            raise SystemExit(f"zoo ensemble fit failed:\n{done.stderr}")
+        import json
+
+        ens = json.loads((Path(tmp) / "ens.json").read_text())
+    peak = usage.ru_maxrss * 1024  # kilobytes on Linux
+    cpu = (usage.ru_utime + usage.ru_stime) - (before.ru_utime + before.ru_stime)
+    s = ens["scores"]["cv"]["ensemble"]
+    note = (f"whole default command, fresh process: peak memory {peak / 2**20:.0f} MiB = {peak / size:.2f}x the "
+            f"predictions ({size / 2**20:.0f} MiB float32); {len(ens['members'])} members kept; scores held-out")
+    rows.append(dict(method="zoo ensemble fit (default)", members=m, samples=n, classes=c, seconds=seconds, cpu=cpu,
+                     log_loss=s["log_loss"], accuracy=s["accuracy"], note=note))
+    print(f"# zoo ensemble fit at {m} x {n} x {c}: {seconds:.2f} s wall, {cpu:.2f} s cpu; {note}", flush=True)
+
+
 def print_table(rows: list[dict], ratios: list[str]) -> None:
     headers = ["method", "members", "samples", "classes", "fit s", "cpu s", "log loss", "accuracy", "note"]
     cells = [[r["method"], str(r["members"]), str(r["samples"]), str(r["classes"]), f"{r['seconds']:.2f}", f"{r['cpu']:.2f}",
@@ -205,18 +241,22 @@ def print_table(rows: list[dict], ratios: list[str]) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="20x50000x100,10x10000x1000", help="comma-separated MEMBERSxSAMPLESxCLASSES")
-    parser.add_argument("--methods", default="slsqp,slsqp+T,greedy,greedy(accuracy),random,reference,pipeline",
-                        help="comma-separated: slsqp, slsqp+T, greedy, greedy(accuracy), random, slsqp(geometric), reference, pipeline")
+    parser.add_argument("--methods", default="slsqp,greedy,greedy(accuracy),random,reference,pipeline",
+                        help="comma-separated ('none' for none): slsqp, greedy, greedy(accuracy), random, slsqp(geometric), reference, pipeline")
     parser.add_argument("--stacking-size", default="10x5000x10", help="size for the stacking row ('none' to skip)")
     parser.add_argument("--cv", type=int, default=5, help="folds for the cross-validated pipeline row (0: skip it)")
+    parser.add_argument("--cli-size", default="20x50000x100", help="size for the whole-command row ('none' to skip)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     print(f"numpy {np.__version__}, {os.cpu_count()} CPU(s)", flush=True)
     methods = [m.strip() for m in args.methods.split(",")]
     rows: list[dict] = []
     ratios: list[str] = []
-    for size in args.sizes.split(","):
-        bench_size(*parse_size(size), args.cv, methods, rows, ratios)
+    if args.cli_size != "none":
+        bench_cli(*parse_size(args.cli_size), rows)
+    if methods != ["none"]:
+        for size in args.sizes.split(","):
+            bench_size(*parse_size(size), args.cv, methods, rows, ratios)
     if args.stacking_size != "none":
         bench_stacking(*parse_size(args.stacking_size), args.cv, rows)
     print_table(rows, ratios)

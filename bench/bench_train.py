@@ -57,6 +57,7 @@ from finetune.engine import Hardware, Trainer, keep_cpu_heap, resolve_hardware, 
 from finetune.freeze import set_train_mode  # noqa: E402
 from finetune.optim import create_schedule, prepare_training  # noqa: E402
 from zoo.backbones import create_backbone, needs_img_size  # noqa: E402
+from zoo.cpu import cpu_budget  # noqa: E402
 from zoo.errors import UserInputError  # noqa: E402
 
 DEFAULT_MODELS = ("resnet18", "tf_efficientnet_lite0", "vit_tiny_patch16_224")
@@ -77,8 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--distinct-batches", type=int, default=4, help="distinct random batches, cycled through the steps")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads (default: torch's own; on the CPU less the cores that other processes keep "
-                        "busy by the 1-minute load average, at least 1, as oversubscribed threads make timings meaningless)")
+                   help="torch.set_num_threads (default: torch's own; on the CPU the free cores as `zoo finetune` measures "
+                        "them, zoo.cpu.cpu_budget, as oversubscribed threads make timings meaningless)")
     p.add_argument("--plain-frozen-bn-eval", action="store_true",
                    help="also keep the plain loop's frozen BatchNorm layers in eval mode, as zoo does (then only the loop "
                         "itself differs; by default the plain loop trains them, so it computes batch statistics there)")
@@ -306,15 +307,6 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])
 
 
-def free_cores(default: int) -> int:
-    """``default`` less the cores other processes keep busy (1-minute load average), at least 1."""
-    try:
-        busy = int(os.getloadavg()[0] + 0.5)
-    except (AttributeError, OSError):
-        return default
-    return max(1, min(default, (os.cpu_count() or default) - busy))
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     hardware = resolve_hardware(args.device, None, None)  # what `zoo finetune` resolves with no --amp/--channels-last
@@ -322,7 +314,8 @@ def main(argv=None) -> int:
     if args.keep_heap and hardware.device.type == "cpu" and not keep_cpu_heap():
         print("bench_train: --keep-heap needs glibc on Linux; running with the allocator's defaults", file=sys.stderr)
         args.keep_heap = False
-    threads = args.threads or (torch.get_num_threads() if on_gpu else free_cores(torch.get_num_threads()))
+    # No loader here (batches are pre-generated): on the CPU every core of the budget is a torch thread.
+    threads = args.threads or (torch.get_num_threads() if on_gpu else cpu_budget(requested_workers=0).threads)
     torch.set_num_threads(threads)
     args.input_size = args.input_size or (224 if on_gpu else 128)
     args.steps = args.steps or (50 if on_gpu else 8)

@@ -18,11 +18,12 @@ from ensemble.calibration import TemperatureScaler, apply_temperature
 from ensemble.combine import COMBINE_RULES, combine
 from ensemble.diversity import PAIRWISE_MEASURES, CorrelationReport, correlate, kuncheva_whitaker_kappa, write_correlation
 from ensemble.file import read_ensemble, write_ensemble
-from ensemble.fit import cross_validate, cv_folds, fit_ensemble
+from ensemble.fit import cross_validate, cv_folds, fit_ensemble, read_members
 from ensemble.metrics import METRICS, SEARCHABLE_METRICS, expected_calibration_error
 from ensemble.model import Ensemble, Member
 from ensemble.predict import predict_ensemble, write_output
 from ensemble.report import format_correlation, format_fit_report
+from ensemble.score import ScoreTable, score_ensemble
 from ensemble.weights import (WEIGHT_SEARCHES, GreedyWeights, RandomWeights, SlsqpWeights, StackingCombiner,
                               make_search, search_kwargs)
 
@@ -31,6 +32,6 @@ __all__ = [
     "CorrelationReport", "Ensemble", "GreedyWeights", "Member", "RandomWeights", "SlsqpWeights", "StackingCombiner",
     "TemperatureScaler", "apply_temperature", "combine", "correlate", "cross_validate", "cv_folds",
     "expected_calibration_error", "fit_ensemble", "format_correlation", "format_fit_report", "kuncheva_whitaker_kappa",
-    "make_search", "predict_ensemble", "read_ensemble", "search_kwargs", "write_correlation", "write_ensemble",
+    "make_search", "predict_ensemble", "read_ensemble", "read_members", "ScoreTable", "score_ensemble", "search_kwargs", "write_correlation", "write_ensemble",
     "write_output",
 ]

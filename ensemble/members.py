@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from zoo.folds import check_same_folds
 from zoo.predictions import Predictions
 from zoo.rundir import RunDir
 
@@ -43,3 +44,11 @@ def member_names(preds: Sequence[Predictions]) -> list[str]:
         seen[name] = seen.get(name, 0) + 1
         unique.append(name if names.count(name) == 1 else f"{name}#{seen[name]}")
     return unique
+
+
+def check_oof_members(preds: Sequence[Predictions]) -> None:
+    """Out-of-fold members must come from runs cross-fitted on the same folds (else their
+    rows leak into each other's weights); refuse otherwise, naming both runs."""
+    oof = [p for p in preds if p.split == "oof"]
+    if oof:
+        check_same_folds([(p.source or p.name, member_run(p)) for p in oof])

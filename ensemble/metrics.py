@@ -150,24 +150,73 @@ def score_table(probs: np.ndarray, labels: np.ndarray, metrics=REPORTED_METRICS)
     return {name: get_metric(name).fn(probs, labels) for name in metrics}
 
 
+@dataclass
+class RowStats:
+    """What the reported metrics need of a prediction, row by row: the arg-max class, the
+    log-probability of the true class (log loss) and of the arg-max (ECE). Three numbers
+    a row instead of C: folds' held-out rows are pooled in these."""
+
+    predicted: np.ndarray  # int64 [N]
+    true_log_prob: np.ndarray  # float64 [N]
+    top_log_prob: np.ndarray  # float64 [N]
+
+    @classmethod
+    def empty(cls, n: int) -> "RowStats":
+        return cls(np.zeros(n, dtype=np.int64), np.zeros(n), np.zeros(n))
+
+    def put(self, rows: np.ndarray, other: "RowStats") -> None:
+        self.predicted[rows], self.true_log_prob[rows], self.top_log_prob[rows] = other.predicted, other.true_log_prob, other.top_log_prob
+
+    def scores(self, labels: np.ndarray, n_classes: int, metrics=REPORTED_METRICS) -> dict[str, float]:
+        """``{metric name: score}`` of these rows against ``labels`` (the same rows, same order)."""
+        out = {}
+        for name in metrics:
+            metric = get_metric(name)
+            if metric.from_predicted is not None:
+                out[name] = metric.from_predicted(self.predicted, labels, n_classes)
+            elif name == "log_loss":
+                out[name] = float(-np.mean(np.clip(self.true_log_prob, np.log(EPS), 0.0)))
+            elif name == "ece":
+                out[name] = _ece(np.exp(self.top_log_prob), self.predicted, labels, ECE_BINS)
+            else:
+                raise ValueError(f"metrics: {name!r} needs the whole probability table, not row statistics")
+        return out
+
+
+def row_stats(z: np.ndarray, labels: np.ndarray, temperature: float | None = None,
+              rows: np.ndarray | None = None) -> RowStats:
+    """``RowStats`` of ``log_softmax(z[rows] / temperature)``; ``temperature=None``: ``z`` are
+    log-probabilities already, used as they are. Block by block, no copy of ``z``."""
+    from ensemble.calibration import row_blocks
+
+    n = len(labels) if rows is None else len(rows)
+    out = RowStats.empty(n)
+    for start, stop in row_blocks(n, z.shape[1]):
+        block = z[start:stop] if rows is None else z[rows[start:stop]]
+        y = labels[start:stop] if rows is None else labels[rows[start:stop]]
+        index = np.arange(stop - start)
+        predicted = np.argmax(block, axis=1)
+        top = block[index, predicted].astype(np.float64)
+        true = block[index, y].astype(np.float64)
+        if temperature is not None:
+            x = np.multiply(block, np.float32(1.0 / temperature), dtype=np.float32)
+            top_x = x[index, predicted]
+            x -= top_x[:, None]
+            np.exp(x, out=x)
+            lse = np.log(x.sum(axis=1, dtype=np.float64)) + top_x
+            top = top_x - lse
+            true = true / temperature - lse
+        out.predicted[start:stop], out.true_log_prob[start:stop], out.top_log_prob[start:stop] = predicted, true, top
+    return out
+
+
 def score_table_from_log_probs(log_probs: np.ndarray, labels: np.ndarray, metrics=REPORTED_METRICS) -> dict[str, float]:
     """``score_table`` from log-probabilities, without exponentiating the whole array
     (the label metrics need the arg-max, log loss the true class, ECE the top probability)."""
     log_probs, labels = _check(log_probs, labels)
-    predicted = np.argmax(log_probs, axis=1)
-    out = {}
-    for name in metrics:
-        metric = get_metric(name)
-        if metric.from_predicted is not None:
-            out[name] = metric.from_predicted(predicted, labels, log_probs.shape[1])
-        elif name == "log_loss":
-            out[name] = log_loss_from_log_probs(log_probs, labels)
-        elif name == "ece":
-            top = np.exp(log_probs[np.arange(len(labels)), predicted].astype(np.float64))
-            out[name] = _ece(top, predicted, labels, ECE_BINS)
-        else:
-            out[name] = metric.fn(np.exp(log_probs), labels)
-    return out
+    if any(get_metric(name).from_predicted is None and name not in ("log_loss", "ece") for name in metrics):
+        return {name: get_metric(name).fn(np.exp(log_probs), labels) for name in metrics}
+    return row_stats(log_probs, labels).scores(labels, log_probs.shape[1], metrics)
 
 
 def reported_metrics(target: str) -> tuple[str, ...]:

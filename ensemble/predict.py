@@ -26,6 +26,7 @@ from zoo.predictions import Predictions, align_predictions, load_predictions, wr
 from zoo.rundir import RunDir
 
 OUTPUT_SUFFIXES = (".safetensors", ".csv")
+SPLIT_AUTO = "auto"  # oof when every run is cross-fitted, else val
 
 
 def _same_path(a: str | None, b: str | None) -> bool:
@@ -129,10 +130,11 @@ def predict_ensemble(ensemble: Ensemble | str | os.PathLike, predictions: Sequen
         from finetune.inference import predict_run  # torch is imported here, and only here
 
         member_preds = []
-        for m, run in zip(ens.members, runs):
+        for j, (m, run) in enumerate(zip(ens.members, runs)):
             if log is not None:
                 log(f"predicting {split} of {data} with {m.name} ({m.backbone}, tta={tta})")
-            p = predict_run(run, data, split=split, tta=tta, batch_size=batch_size, device=device)
+            # Every member reads the same images: the first one says which it had to skip.
+            p = predict_run(run, data, split=split, tta=tta, batch_size=batch_size, device=device, log=log if j == 0 else None)
             if p.classes != ens.classes:
                 raise UserInputError(f"{run}: predicted classes {p.classes} differ from {where}'s {ens.classes}")
             member_preds.append(p)
@@ -147,9 +149,36 @@ def predict_ensemble(ensemble: Ensemble | str | os.PathLike, predictions: Sequen
                        backbone="ensemble:" + "+".join(m.name for m in ens.members), run=str(where), split=split, tta=tta)
 
 
+def resolve_split(sources: Sequence[str | os.PathLike], split: str) -> str:
+    """The predictions to read from run directories: ``split``, or for ``auto`` the
+    out-of-fold ones (``oof``) when every run has them, else ``val``.
+
+    Mixing cross-fitted and single-split runs under ``auto`` is refused: their rows are
+    different images (the whole pool against a validation split), and choosing for the
+    user would silently drop one kind.
+    """
+    if split != SPLIT_AUTO:
+        return split
+    runs = [Path(s) for s in sources if Path(s).is_dir() and RunDir(s).is_run()]
+    with_oof = [r for r in runs if RunDir(r).predictions("oof").is_file()]
+    if with_oof and len(with_oof) < len(runs):
+        without = next(r for r in runs if r not in with_oof)
+        raise UserInputError(f"{with_oof[0]} has out-of-fold predictions (zoo finetune --folds) but {without} does not; "
+                             "fit cross-fitted and single-split members apart, or say which predictions to read with "
+                             "--split oof or --split val")
+    return "oof" if with_oof else "val"
+
+
 def load_prediction_sources(sources: Sequence[str | os.PathLike], split: str) -> list[Predictions]:
-    """Prediction files, or run directories (their ``split`` predictions)."""
-    return [load_predictions(s, split=split) for s in sources]
+    """Prediction files, or run directories (their ``split`` predictions; ``auto``: see ``resolve_split``)."""
+    split = resolve_split(sources, split)
+    preds = [load_predictions(s, split=split) for s in sources]
+    oof = [p for p in preds if p.split == "oof"]
+    if oof and len(oof) < len(preds):
+        other = next(p for p in preds if p.split != "oof")
+        raise UserInputError(f"{oof[0].source} holds out-of-fold predictions but {other.source or other.name} holds "
+                             f"{other.split or 'other'} predictions; every member must be scored on the same kind of rows")
+    return preds
 
 
 def write_output(path: str | os.PathLike, preds: Predictions) -> Path:

@@ -45,7 +45,8 @@ def format_fit_report(ens: Ensemble) -> str:
     if stacking:
         calib = "logistic regression on raw log-probabilities"
     else:
-        calib = f"combine {ens.combine}, " + ("member and final temperatures" if ens.calibrate else "no temperatures")
+        calib = f"combine {ens.combine}, " + ("member temperatures, weights at T = 1, then a final temperature"
+                                              if ens.calibrate else "no temperatures")
     out = [f"Ensemble: method {ens.method}, target {ens.metric}, {calib}; "
            f"{len(ens.members)} member(s) kept, {len(ens.dropped)} dropped (weight 0)",
            format_table(["member", "backbone", "importance" if stacking else "weight", *(() if stacking else ("T",)), *titles], rows)]
@@ -53,7 +54,7 @@ def format_fit_report(ens: Ensemble) -> str:
         out.append(f"  importance: share of the regression's coefficient mass; L2 strength C = {ens.stacking.get('C', '-')}"
                    + ("; member scores after each member's own temperature" if ens.calibrate else ""))
     else:
-        out.append(f"  final temperature {ens.final_temperature:.4f}")
+        out.append(f"  final temperature {ens.final_temperature:.4f}" + (" (fitted after the weights, with them fixed)" if ens.calibrate else ""))
     scores = ens.scores
     cv = scores.get("cv")
     in_sample = scores["in_sample"]

@@ -4,11 +4,13 @@ One registry, ``WEIGHT_SEARCHES``, maps a method name to an sklearn-style estima
 ``__init__`` stores options, ``fit(log_probs, labels)`` returns self and sets attributes
 that end in ``_``, ``predict_log_proba(log_probs)`` applies the fit. ``log_probs`` are
 stacked member log-probabilities ``[M, N, C]`` (already temperature-scaled if wanted).
+For the arithmetic mean under log loss only each member's probability of the true class
+matters: ``fit_true_probs(true_probs)`` fits the weighted methods from that [N, M] matrix
+alone, without the stack (what ``zoo ensemble fit`` does by default).
 
 - ``SlsqpWeights``: log loss of a weighted mean of probabilities (or of log-probabilities)
   is convex in the weights, so a constrained solver with the analytic gradient reaches the
-  optimum; the Frank–Wolfe duality gap certifies how close it is. With ``temperature``
-  it chooses the weights together with the final temperature that will follow them.
+  optimum; the Frank–Wolfe duality gap certifies how close it is.
 - ``GreedyWeights``: Caruana et al. (2004) ensemble selection, for any metric.
 - ``RandomWeights``: Dirichlet samples, best kept; the baseline the others must beat.
 - ``StackingCombiner``: multinomial logistic regression on the members' log-probabilities.
@@ -25,7 +27,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ensemble.calibration import TEMPERATURE_BOUNDS, log_softmax
+from ensemble.calibration import log_softmax
 from ensemble.combine import COMBINE_RULES, combine
 from ensemble.metrics import EPS, METRICS, get_metric
 from zoo.errors import UserInputError
@@ -90,12 +92,18 @@ class _Problem:
     class matters, so an [N, M] matrix replaces the [M, N, C] stack.
     """
 
-    def __init__(self, log_probs: np.ndarray, labels: np.ndarray, metric: str, rule: str):
+    def __init__(self, log_probs: np.ndarray | None, labels: np.ndarray | None, metric: str, rule: str,
+                 true_probs: np.ndarray | None = None):
         self.log_probs, self.labels = log_probs, labels
-        self.m, self.n, self.c = log_probs.shape
         self.metric = get_metric(metric, searchable=True)
         self.rule = rule
         self.log_loss = metric == "log_loss"
+        if true_probs is not None:  # the arithmetic log-loss problem needs nothing else
+            self.true_probs = np.ascontiguousarray(true_probs, dtype=np.float64)
+            self.n, self.m = self.true_probs.shape
+            self.c = None
+        else:
+            self.m, self.n, self.c = log_probs.shape
 
     @cached_property
     def true_log_probs(self) -> np.ndarray:  # [M, N] float64
@@ -182,64 +190,6 @@ class _Problem:
             grad = grad / self.n - self.true_log_probs.mean(axis=1)
         return loss, grad
 
-    def tempered_objective(self, members: np.ndarray | None = None):
-        """Log loss of ``softmax(s * log(sum_j w_j p_j))`` as a function of ``x = (w, log s)``,
-        ``w`` over ``members`` (default all), with its gradient.
-
-        The weighted mean of calibrated members is usually under-confident; the final
-        temperature fixes that, so weights are best chosen knowing it will be applied.
-        With g = s log B, Q = softmax(g), B = sum_j w_j p_j:
-        d/dw_j = s mean_i [sum_c Q_ic p_j,ic / B_ic - p_j,iy / B_iy];  d/dlog s = s mean_i [sum_c Q_ic log B_ic - log B_iy].
-        Not convex jointly; used to polish from good starting points.
-        """
-        # A small subset is copied once (np.take keeps it contiguous) so that each
-        # evaluation reads only the probabilities in use; a large one costs less to read
-        # through the whole stack than to copy.
-        if members is None or len(members) >= self.m / 2:
-            stack, true_probs = self._probs_blas, self.true_probs
-            used = np.arange(self.m) if members is None else np.asarray(members)  # x's weights within the stack
-        else:
-            stack, true_probs = np.take(self._probs_blas, members, axis=0), self.true_probs[:, members]
-            used = np.arange(len(members))
-        m, dtype = len(stack), stack.dtype  # float32 on big stacks: half the memory traffic; sums stay float64
-
-        def blend_of(w_, start, stop):
-            return w_ @ stack[:, start:stop].reshape(m, -1)
-
-        def back(r, start, stop):
-            return stack[:, start:stop].reshape(m, -1) @ r
-
-        def objective(x: np.ndarray) -> tuple[float, np.ndarray]:
-            w, s = np.zeros(m), float(np.exp(x[-1]))
-            w[used] = x[:-1]
-            w_, s_ = w.astype(dtype), dtype.type(s)
-            total, d_s = 0.0, 0.0
-            grad_w = np.zeros(m)
-            inv_true = np.empty(self.n)
-            for start, stop in self._chunks():
-                rows = np.arange(stop - start)
-                labels = self.labels[start:stop]
-                blend = blend_of(w_, start, stop).reshape(stop - start, self.c)
-                np.maximum(blend, dtype.type(1e-30), out=blend)
-                log_blend = np.log(blend)
-                top = log_blend.max(axis=1)
-                e = log_blend - top[:, None]  # in place from here: no new [rows, C] arrays
-                e *= s_
-                np.exp(e, out=e)
-                norm = e.sum(axis=1, dtype=np.float64)
-                true_log = log_blend[rows, labels].astype(np.float64)
-                total -= float(np.sum(s * (true_log - top) - np.log(norm)))
-                # sum_c Q_ic log B_ic with Q = e / norm, row by row
-                d_s += float(np.sum(np.einsum("ij,ij->i", e, log_blend, dtype=np.float64) / norm) - np.sum(true_log))
-                inv_true[start:stop] = 1.0 / blend[rows, labels].astype(np.float64)
-                blend *= norm.astype(dtype)[:, None]
-                np.divide(e, blend, out=e)  # Q / B
-                grad_w += back(e.ravel(), start, stop)
-            grad_w = s * (grad_w - true_probs.T @ inv_true) / self.n
-            return total / self.n, np.append(grad_w[used], s * d_s / self.n)
-
-        return objective
-
 
 class _Search:
     """What every method shares: options, checks, and applying the fit."""
@@ -259,7 +209,24 @@ class _Search:
     def fit(self, log_probs: np.ndarray, labels: np.ndarray):
         """Fit on stacked member log-probabilities [M, N, C] and labels [N]; returns self."""
         with blas_threads(self._blas_work(np.shape(log_probs))):
-            return self._fit(log_probs, labels)
+            self._validate_params()
+            log_probs, labels = _check_inputs(log_probs, labels)
+            return self._fit(_Problem(log_probs, labels, self.metric, self.combine))
+
+    def fit_true_probs(self, true_probs: np.ndarray):
+        """Fit from each member's probability of the true class, [N, M] (arithmetic rule,
+        log loss only: nothing else enters that objective); returns self."""
+        self._validate_params()
+        if self.combine != "arithmetic" or self.metric != "log_loss":
+            raise ValueError(f"fit_true_probs: only the arithmetic rule under log loss depends on the true-class "
+                             f"probabilities alone, got combine {self.combine!r} and metric {self.metric!r}; use fit")
+        q = np.asarray(true_probs, dtype=np.float64)
+        if q.ndim != 2 or 0 in q.shape or not np.all((q >= 0) & (q <= 1 + 1e-5)):
+            raise ValueError(f"true_probs: expected probabilities in [0, 1] of shape [N, M], got shape {q.shape} "
+                             f"with values in [{q.min() if q.size else 0:.3g}, {q.max() if q.size else 0:.3g}]")
+        q = np.minimum(q, 1.0)  # exp of a float32 log-probability may round just above 1
+        with blas_threads():
+            return self._fit(_Problem(None, None, self.metric, self.combine, true_probs=q))
 
     def _blas_work(self, shape) -> float:
         return 0.0
@@ -285,34 +252,28 @@ class SlsqpWeights(_Search):
     The problem is convex, so the result is the optimum; ``gap_`` (the Frank–Wolfe
     duality gap, ``g·w - min_j g_j``) bounds how far its log loss is above the optimum.
 
-    With ``temperature=True`` the weights are chosen together with the final temperature
-    that will follow them (``zoo ensemble fit --calibrate``): weights that are best at
-    T = 1 are not best once the blend is re-tempered, because averaging calibrated
-    members makes an under-confident blend that T then sharpens. For the geometric rule
-    the joint problem is still convex (the weights' sum is the inverse temperature); for
-    the arithmetic rule it is not, and it is polished from the better of two starts, the
-    T = 1 optimum and equal weights, each with its best temperature, never ending worse
-    than its start.
+    The weights are chosen at T = 1. ``zoo ensemble fit --calibrate`` scales each member
+    first and fits the final temperature afterwards, with these weights fixed (pool, then
+    calibrate: Rahaman & Thiery 2021). Choosing weights and final temperature together
+    was tried and removed: a member that carries no information, softened to near
+    uniform, plus a sharp final temperature acts as a two-parameter "floor, then
+    sharpen" calibration map, and the joint fit gave such a member most of the weight.
 
-    Attributes: ``weights_``, ``temperature_`` (1.0 unless ``temperature``), ``loss_``
-    and ``score_`` (at T = 1, comparable across methods), ``tempered_loss_`` (with
-    ``temperature_``), ``gap_`` (of the convex stage), ``n_iter_``, ``message_``.
+    Attributes: ``weights_``, ``loss_`` and ``score_`` (log loss of the blend), ``gap_``,
+    ``n_iter_``, ``message_``.
     """
 
     name = "slsqp"
     metrics = ("log_loss",)
     description = "minimise log loss over the simplex (convex; SLSQP with the analytic gradient)"
 
-    def __init__(self, metric: str = "log_loss", combine: str = "arithmetic", temperature: bool = False,
-                 tol: float = 1e-12, max_iter: int = 1000, gap_tol: float = 1e-6,
-                 temperature_bounds: tuple[float, float] = TEMPERATURE_BOUNDS):
+    def __init__(self, metric: str = "log_loss", combine: str = "arithmetic", tol: float = 1e-12,
+                 max_iter: int = 1000, gap_tol: float = 1e-6):
         self.metric = metric
         self.combine = combine
-        self.temperature = temperature
         self.tol = tol
         self.max_iter = max_iter
         self.gap_tol = gap_tol
-        self.temperature_bounds = temperature_bounds
 
     def _validate_params(self) -> None:
         self._validate_common()
@@ -322,9 +283,6 @@ class SlsqpWeights(_Search):
             raise ValueError(f"max_iter: expected an integer >= 1, got {self.max_iter!r}")
         if not self.gap_tol > 0:
             raise ValueError(f"gap_tol: expected a positive tolerance, got {self.gap_tol}")
-        low, high = self.temperature_bounds
-        if not 0 < low < 1 < high:
-            raise ValueError(f"temperature_bounds: expected 0 < low < 1 < high, got {self.temperature_bounds}")
 
     def _objective(self, problem: _Problem):
         if problem.rule == "geometric":
@@ -337,19 +295,16 @@ class SlsqpWeights(_Search):
 
         return arithmetic
 
-    def _minimize(self, objective, start, bounds, constraints=(), ftol=None):
+    def _minimize(self, objective, start, bounds, constraints=()):
         from scipy.optimize import minimize
 
         result = minimize(objective, start, jac=True, method="SLSQP", bounds=bounds, constraints=list(constraints),
-                          options={"ftol": ftol or self.tol, "maxiter": self.max_iter})
+                          options={"ftol": self.tol, "maxiter": self.max_iter})
         self.n_iter_ += int(result.nit)
         self.message_ = str(result.message)
         return result
 
-    def _fit(self, log_probs: np.ndarray, labels: np.ndarray) -> "SlsqpWeights":
-        self._validate_params()
-        log_probs, labels = _check_inputs(log_probs, labels)
-        problem = _Problem(log_probs, labels, self.metric, self.combine)
+    def _fit(self, problem: _Problem) -> "SlsqpWeights":
         m = problem.m
         objective = self._objective(problem)
         simplex = {"type": "eq", "fun": lambda w: w.sum() - 1.0, "jac": lambda w: np.ones_like(w)}
@@ -362,12 +317,8 @@ class SlsqpWeights(_Search):
             if objective(w)[0] > objective(start)[0]:  # never worse than where it started
                 w = start
             self._check_gap(objective, w, result)
-        loss, grad = objective(w)
+        _, grad = objective(w)
         self.gap_ = float(grad @ w - grad.min())
-        self.temperature_ = 1.0
-        self.tempered_loss_ = loss
-        if self.temperature:
-            w = self._fit_temperature(problem, w)
         self._finish(problem, w)
         return self
 
@@ -379,65 +330,6 @@ class SlsqpWeights(_Search):
         if not result.success and gap > self.gap_tol:
             warnings.warn(f"SLSQP stopped after {result.nit} iterations: {result.message}; the weights' log loss "
                           f"is within {gap:.2e} of the optimum", ConvergenceWarning, stacklevel=3)
-
-    def _fit_temperature(self, problem: _Problem, w: np.ndarray) -> np.ndarray:
-        from ensemble.calibration import TemperatureScaler
-
-        low, high = self.temperature_bounds
-        m = problem.m
-        if problem.rule == "geometric":
-            # v = w / T: convex in v, bounded, no constraint.
-            objective = lambda v: problem._geometric_log_loss(v, gradient=True)  # noqa: E731
-            v0 = w / TemperatureScaler(self.temperature_bounds).fit(combine(problem.log_probs, w, "geometric"), problem.labels).temperature_
-            v0 = np.minimum(v0, 1.0 / low)
-            result = self._minimize(objective, v0, [(0.0, 1.0 / low)] * m)
-            v = np.clip(result.x, 0.0, None)
-            if not np.isfinite(objective(v)[0]) or objective(v)[0] > objective(v0)[0] or v.sum() <= 0:
-                v = v0
-            loss, grad = objective(v)
-            # Projected-gradient optimality: zero gradient where 0 < v < bound, >= 0 at v = 0.
-            kkt = float(np.max(np.abs(np.where(v > 0, grad, np.minimum(grad, 0.0)))))
-            if not result.success and kkt > 1e-4:
-                warnings.warn(f"SLSQP (weights with temperature) stopped after {result.nit} iterations: {result.message}; "
-                              f"largest projected gradient {kkt:.2e}", ConvergenceWarning, stacklevel=3)
-            self.temperature_ = float(np.clip(1.0 / v.sum(), low, high))
-            self.tempered_loss_ = float(loss)
-            return _normalise(v)
-        starts = []
-        for candidate in (w, np.full(m, 1.0 / m)):
-            scaler = TemperatureScaler(self.temperature_bounds).fit(combine(problem.log_probs, candidate, "arithmetic"), problem.labels)
-            starts.append((scaler.log_loss_after_, np.append(candidate, -np.log(scaler.temperature_))))
-        best_loss, x = min(starts, key=lambda item: item[0])
-        # Active set: polish over the members in use, then add any member whose gradient
-        # says it would help (a KKT violation), until none does. Each round's products
-        # cost in proportion to the members in it, not to all of them.
-        full = problem.tempered_objective()
-        s_bounds = (-np.log(high), -np.log(low))
-        active = np.flatnonzero(x[:-1] > 0)
-        for _ in range(m):
-            objective = problem.tempered_objective(active)
-            k = len(active)
-            simplex = {"type": "eq", "fun": lambda z: z[:-1].sum() - 1.0, "jac": lambda z, k=k: np.append(np.ones(k), 0.0)}
-            start = np.append(x[active] / x[active].sum(), x[-1])
-            result = self._minimize(objective, start, [(0.0, 1.0)] * k + [s_bounds], [simplex], ftol=max(self.tol, 1e-10))
-            candidate = np.zeros(m + 1)
-            candidate[active] = _normalise(result.x[:-1])
-            candidate[-1] = np.clip(result.x[-1], *s_bounds)
-            loss, grad = full(candidate)
-            if np.isfinite(loss) and loss <= best_loss:
-                x, best_loss = candidate, loss
-            else:
-                loss, grad = full(x)
-            g = grad[:-1]
-            level = float(g @ x[:-1])  # the multiplier of the simplex constraint
-            outside = np.setdiff1d(np.arange(m), active)
-            violating = outside[g[outside] < level - 1e-7]
-            if len(violating) == 0:
-                break
-            active = np.union1d(np.flatnonzero(x[:-1] > 0), violating)
-        self.temperature_ = float(np.exp(-x[-1]))
-        self.tempered_loss_ = float(best_loss)
-        return x[:-1]
 
 
 class GreedyWeights(_Search):
@@ -482,10 +374,7 @@ class GreedyWeights(_Search):
         if not (0 < self.bag_fraction <= 1):
             raise ValueError(f"bag_fraction: expected a fraction in (0, 1], got {self.bag_fraction!r}")
 
-    def _fit(self, log_probs: np.ndarray, labels: np.ndarray) -> "GreedyWeights":
-        self._validate_params()
-        log_probs, labels = _check_inputs(log_probs, labels)
-        problem = _Problem(log_probs, labels, self.metric, self.combine)
+    def _fit(self, problem: _Problem) -> "GreedyWeights":
         if self.bags == 0:
             counts, self.trajectory_, self.best_step_, self.selected_, self.n_init_ = self._select(problem, np.arange(problem.m))
             self.bag_weights_ = None
@@ -665,10 +554,7 @@ class RandomWeights(_Search):
         if not self.alpha > 0:
             raise ValueError(f"alpha: expected a positive Dirichlet concentration, got {self.alpha!r}")
 
-    def _fit(self, log_probs: np.ndarray, labels: np.ndarray) -> "RandomWeights":
-        self._validate_params()
-        log_probs, labels = _check_inputs(log_probs, labels)
-        problem = _Problem(log_probs, labels, self.metric, self.combine)
+    def _fit(self, problem: _Problem) -> "RandomWeights":
         m = problem.m
         rng = np.random.default_rng(self.seed)
         candidates = np.vstack([np.full((1, m), 1.0 / m), np.eye(m), rng.dirichlet(np.full(m, self.alpha), size=self.n_iter)])
@@ -726,7 +612,15 @@ class StackingCombiner(_Search):
         m, n, c = log_probs.shape
         return np.clip(np.asarray(log_probs, dtype=np.float64), self.clip, 0.0).transpose(1, 0, 2).reshape(n, m * c)
 
-    def _fit(self, log_probs: np.ndarray, labels: np.ndarray) -> "StackingCombiner":
+    def fit(self, log_probs: np.ndarray, labels: np.ndarray) -> "StackingCombiner":
+        """Fit on stacked member log-probabilities [M, N, C] (raw, not tempered) and labels [N]; returns self."""
+        with blas_threads(self._blas_work(np.shape(log_probs))):
+            return self._fit_stacking(log_probs, labels)
+
+    def fit_true_probs(self, true_probs: np.ndarray):
+        raise ValueError("fit_true_probs: stacking learns from every class's log-probability; use fit(log_probs, labels)")
+
+    def _fit_stacking(self, log_probs: np.ndarray, labels: np.ndarray) -> "StackingCombiner":
         from sklearn.exceptions import ConvergenceWarning as SklearnConvergenceWarning
         from sklearn.linear_model import LogisticRegression
 

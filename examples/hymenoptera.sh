@@ -19,4 +19,4 @@ done
 zoo correlate "$OUT"/lite{0,1,2} --out "$OUT/correlation"
 zoo ensemble fit "$OUT"/lite{0,1,2} --out "$OUT/ensemble.json"
 zoo ensemble predict "$OUT/ensemble.json" "$OUT"/lite{0,1,2}/predictions/test.safetensors --out "$OUT/test_predictions.safetensors"
-python examples/score_table.py "$OUT"/lite{0,1,2} --ensemble "$OUT/test_predictions.safetensors"
+zoo ensemble score "$OUT/ensemble.json" "$OUT"/lite{0,1,2}/predictions/test.safetensors

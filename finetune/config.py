@@ -17,7 +17,10 @@ SCHEDULES = {"cosine": "warmup then cosine decay (SGDR restarts with --restarts)
              "constant": "warmup then a constant rate"}
 BALANCE = {"none": "plain loss", "loss": "loss weights 1/sqrt(class count), normalised to mean 1",
            "sampler": "sample each class equally often"}
+POOLS = {"train": "train/ only; val/ stays the untouched holdout", "train+val": "train/ and val/ (no holdout left)"}
 MONITORS = {"loss": "validation log loss (lower is better)", "accuracy": "validation accuracy (higher is better)"}
+HEAD_INITS = {"random": "small random weights (std 0.01), zero bias",
+              "probe": "a linear probe fitted on the train split's frozen features (LP-FT)"}
 
 
 def option(default: Any, help: str, **cli: Any):
@@ -78,7 +81,23 @@ class FinetuneConfig:
     interpolation: str | None = option(None, "resize interpolation (default: the model's)", choices={"bilinear": "", "bicubic": "", "nearest": ""})
     crop_pct: float | None = option(None, "eval center-crop fraction (default: the model's)")
     allow_outside_root: bool = option(False, "allow CSV paths outside the CSV's folder")
-    workers: int | None = option(None, "data-loading processes (default: min(8, CPU count))")
+    workers: int | None = option(None, "data-loading processes (default: from the CPU budget: the cores no other process keeps "
+                                       "busy; 0 on the CPU with 1-2 of them, up to 8 on a GPU)")
+    threads: int | None = option(None, "torch CPU threads (default: OMP_NUM_THREADS where set, else the cores no other "
+                                       "process keeps busy less the data-loading processes; printed with the run's settings)")
+
+    # Linear probes (finetune/probe.py): a logistic-regression head on frozen pooled features.
+    linear_probe: bool = option(False, "freeze the whole backbone and fit only the head, as a logistic regression on pooled "
+                                       "features with its L2 strength chosen by cross-validated log loss (seconds, no epochs)")
+    probe_views: int = option(0, "linear probe: also fit on N augmented views (train transform) of each train image")
+    head_init: str = option("random", "how the new head starts before fine-tuning", choices=HEAD_INITS)
+
+    # Cross-fitting: K fold models whose out-of-fold predictions the ensemble is fitted on.
+    folds: int | None = option(None, "cross-fit: train K fold models, fold i held out of model i's training and used to pick "
+                                     "its epoch; writes out-of-fold predictions of every pool image (K >= 2)")
+    fold: int | None = option(None, "with --folds: train fold I alone (1..K), e.g. one GPU or Slurm array task per fold")
+    fold_seed: int = option(0, "seed of the fold assignment; keep it (and the data) the same for every member of an ensemble")
+    pool: str = option("train", "with --folds: the images the folds split", choices=POOLS)
 
     # Hardware and reproducibility.
     device: str | None = option(None, "cuda, cpu, cuda:1 ... (default: cuda when present)")
@@ -148,6 +167,17 @@ class FinetuneConfig:
         for ok, name, expected, got in checks:
             if not ok:
                 raise UserInputError(f"{name} must be {expected}, got {got!r}")
+        if self.folds is not None and self.folds < 2:
+            raise UserInputError(f"--folds must be 2 or more, got {self.folds}")
+        if self.fold is not None and (self.folds is None or not 1 <= self.fold <= self.folds):
+            raise UserInputError(f"--fold must be between 1 and --folds ({self.folds}), got {self.fold}" if self.folds
+                                 else f"--fold {self.fold} needs --folds K (the number of folds)")
+        if self.folds is None and self.pool != "train":
+            raise UserInputError(f"--pool {self.pool} needs --folds K: without folds there is nothing to pool")
+        if self.folds is not None and self.val_from_train:
+            raise UserInputError("--val-from-train has no effect with --folds (each fold is its model's validation); drop it")
+        if self.pool not in POOLS:
+            raise UserInputError(f"--pool must be one of {list(POOLS)}, got {self.pool!r}")
         if self.model_kwargs is not None:
             import json
 

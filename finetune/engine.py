@@ -199,7 +199,9 @@ class Trainer:
             with hw.autocast():
                 logits = model(images)
             loss = soft_cross_entropy(logits, targets, self.class_weights)
-            self.scaler.scale(loss / self.accum_steps).backward()
+            # The mean over this step's batches: the epoch's last step may gather fewer than accum_steps.
+            step_batches = min(self.accum_steps, n_batches - (i // self.accum_steps) * self.accum_steps)
+            self.scaler.scale(loss / step_batches).backward()
             if last_of_step:
                 if self.clip_grad is not None:
                     self.scaler.unscale_(opt)

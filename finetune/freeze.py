@@ -34,12 +34,21 @@ def freeze_stages(model: nn.Module, groups: Sequence[StageGroup], n: int) -> lis
     frozen_names = {name for g in groups[:n] for name in g.param_names}
     for name, param in model.named_parameters():
         param.requires_grad_(name not in frozen_names)
+    modules = dict(model.named_modules())
     frozen_norms = []
-    for module_name, module in model.named_modules():
+    for module_name, module in modules.items():
         if not isinstance(module, nn.modules.batchnorm._BatchNorm):
             continue
-        own = [f"{module_name}.{p}" if module_name else p for p, _ in module.named_parameters(recurse=False)]
-        if own and all(p in frozen_names for p in own):
+        # A norm with affine=False has no parameters of its own: it belongs to the stage of the
+        # nearest enclosing module that has some (its block), and must stop updating its running
+        # statistics with it.
+        owner, names = module_name, []
+        while not names:
+            names = [f"{owner}.{p}" if owner else p for p, _ in modules[owner].named_parameters()]
+            if not owner:
+                break
+            owner = owner.rpartition(".")[0]
+        if names and all(p in frozen_names for p in names):
             frozen_norms.append(module)
     return frozen_norms
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from finetune import loaders
 from finetune.engine import predict_logits, resolve_hardware
 from zoo.backbones import load_run_model
+from zoo.cpu import apply_budget, cpu_budget
 from zoo.data import check_images, read_prediction_images
 from zoo.errors import UserInputError
 from zoo.predictions import Predictions
@@ -53,6 +54,9 @@ def load_run(run: str | os.PathLike, device: torch.device | None = None) -> tupl
     """A run's best model (in eval mode) and its config."""
     run_dir = RunDir(run)
     config = run_dir.read_config()
+    if run_dir.is_cross_fit():
+        raise UserInputError(f"{run_dir.root}: a cross-fitted run has one model per fold ({run_dir.root}/fold-1 ...); "
+                             "load one of them, or predict with `zoo predict`, which averages them")
     if not run_dir.model.is_file():
         raise UserInputError(f"{run_dir.model}: missing; the run has no finished epoch yet (resume it with zoo finetune --resume --out {run})")
     # Architecture arguments only (drop path is a training-time setting).
@@ -63,23 +67,43 @@ def load_run(run: str | os.PathLike, device: torch.device | None = None) -> tupl
 
 def predict_run(run: str | os.PathLike, data: str | os.PathLike, split: str = "test", tta: int = 1,
                 batch_size: int = 64, device: str | None = None, workers: int | None = None,
-                log: Callable[[str], None] | None = None, allow_outside_root: bool = False) -> Predictions:
+                log: Callable[[str], None] | None = None, allow_outside_root: bool = False,
+                threads: int | None = None) -> Predictions:
     """Predict ``split`` of ``data`` (or every image, ``split='all'``) with a run's best model.
 
-    CSV paths must stay under the CSV's folder unless ``allow_outside_root``."""
+    A cross-fitted run (``zoo finetune --folds K``) predicts with each of its K fold
+    models (each with its ``tta`` views first) and averages their probabilities.
+    CSV paths must stay under the CSV's folder unless ``allow_outside_root``. ``threads`` and
+    ``workers`` override the measured CPU budget (``zoo.cpu.cpu_budget``)."""
     views = tta_views(tta)
     hardware = resolve_hardware(device, None, None)
-    model, config = load_run(run, hardware.device)
-    if hardware.channels_last:
-        model.to(memory_format=torch.channels_last)
+    budget = cpu_budget(threads, workers, hardware.device.type)
+    apply_budget(budget)
+    if log is not None:
+        log(budget.describe())
+    run_dir = RunDir(run)
+    config = run_dir.read_config()
+    model_runs = run_dir.fold_runs() or [run_dir]
     root, samples = read_prediction_images(data, config["classes"], split, allow_outside_root=allow_outside_root)
-    good, bad = check_images(samples, workers=loaders.default_workers(workers))
+    good, bad = check_images(samples, workers=budget.share)
     if bad and log is not None:
-        log(f"warning: skipped {len(bad)} unreadable image(s), e.g. {bad[0][0]}: {bad[0][1]}")
+        shown = "".join(f"\n  {sample_id}: {why}" for sample_id, why in bad[:20])
+        log(f"warning: skipped {len(bad)} unreadable image(s) of {len(samples)}; {len(good)} predicted:{shown}"
+            + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""))
     if not good:
         raise UserInputError(f"{data}: no readable images to predict")
-    loader = loaders.eval_loader(good, loaders.eval_transform(config["data_config"]), batch_size=batch_size,
-                                 workers=loaders.default_workers(workers), pin_memory=hardware.device.type == "cuda")
-    logits, labels = predict_logits(model, loader, hardware, views)
+    probabilities, logits, labels = None, None, None
+    for model_run in model_runs:
+        model, model_config = load_run(model_run.root, hardware.device)
+        if hardware.channels_last:
+            model.to(memory_format=torch.channels_last)
+        loader = loaders.eval_loader(good, loaders.eval_transform(model_config["data_config"]), batch_size=batch_size,
+                                     workers=budget.workers, pin_memory=hardware.device.type == "cuda")
+        logits, labels = predict_logits(model, loader, hardware, views)
+        if len(model_runs) > 1:
+            p = torch.softmax(torch.from_numpy(logits).double(), dim=1)
+            probabilities = p if probabilities is None else probabilities + p
+    if len(model_runs) > 1:  # the fold models' mean probability
+        logits = torch.log((probabilities / len(model_runs)).clamp_min(1e-30)).float().numpy()
     return Predictions(logits=logits, labels=labels, ids=[s.id for s in good], classes=config["classes"],
                        backbone=config["backbone"], run=str(Path(run).resolve()), split=split, tta=tta)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Sequence
 
 import torch
@@ -27,10 +26,6 @@ def eval_transform(data_config: dict[str, Any], crop_pct: float | None = None):
         mean=tuple(data_config["mean"]), std=tuple(data_config["std"]),
         crop_pct=crop_pct if crop_pct is not None else data_config["crop_pct"], crop_mode=data_config.get("crop_mode", "center"),
     )
-
-
-def default_workers(requested: int | None) -> int:
-    return requested if requested is not None else min(8, os.cpu_count() or 1)
 
 
 def _collate(batch):

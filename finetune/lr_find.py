@@ -22,6 +22,7 @@ from finetune.freeze import set_train_mode
 from finetune.optim import prepare_training
 from zoo import atomic
 from zoo.backbones import create_backbone, data_config
+from zoo.cpu import apply_budget, cpu_budget
 from zoo.data import check_images, read_dataset
 from zoo.errors import UserInputError
 
@@ -71,9 +72,12 @@ def lr_find(cfg: FinetuneConfig, *, start_lr: float = 1e-7, end_lr: float = 10.0
     if not 0 < start_lr < end_lr:
         raise UserInputError(f"--start-lr must be positive and below --end-lr, got {start_lr} and {end_lr}")
     hardware = resolve_hardware(cfg.device, cfg.amp, cfg.channels_last)
+    budget = cpu_budget(cfg.threads, cfg.workers, hardware.device.type)
+    apply_budget(budget)
+    log(budget.describe())
     dataset = read_dataset(cfg.data, val_fraction=cfg.val_fraction, val_from_train=cfg.val_from_train, seed=cfg.seed,
                            allow_outside_root=cfg.allow_outside_root)
-    train, bad = check_images(dataset.split("train"))
+    train, bad = check_images(dataset.split("train"), workers=budget.share)
     if bad:
         log(f"warning: skipped {len(bad)} unreadable image(s), e.g. {bad[0][0]}")
     generator = seed_everything(cfg.seed)
@@ -83,7 +87,7 @@ def lr_find(cfg: FinetuneConfig, *, start_lr: float = 1e-7, end_lr: float = 10.0
     frozen_norms, optimizer = setup.frozen_norms, setup.optimizer
     dcfg = data_config(model, cfg.data_overrides())
     transform = loaders.train_transform(dcfg, auto_augment=cfg.auto_augment, crop_scale=cfg.crop_scale, hflip=cfg.hflip)
-    loader = loaders.train_loader(train, transform, batch_size=cfg.batch_size, workers=loaders.default_workers(cfg.workers),
+    loader = loaders.train_loader(train, transform, batch_size=cfg.batch_size, workers=budget.workers,
                                   generator=generator, num_classes=len(dataset.classes), balanced=False, drop_last=True,
                                   pin_memory=hardware.device.type == "cuda")
     set_train_mode(model, frozen_norms)

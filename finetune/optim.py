@@ -90,10 +90,13 @@ def create_schedule(optimizer: torch.optim.Optimizer, name: str, *, lr: float, e
 
 
 def current_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """Learning rate of each stage group (its weight-decay param group)."""
+    """Learning rate of each stage group (its weight-decay param group); 0 for a frozen group, which
+    the scheduler still steps but which does not train."""
     rates: dict[str, float] = {}
     for group in optimizer.param_groups:
-        rates.setdefault(group["group_name"].removesuffix("/no_decay"), group["lr"])
+        trains = any(p.requires_grad for p in group["params"])
+        name = group["group_name"].removesuffix("/no_decay")
+        rates[name] = max(rates.get(name, 0.0), group["lr"] if trains else 0.0)
     return rates
 
 

@@ -33,8 +33,10 @@ from finetune.optim import create_schedule, current_rates, prepare_training
 from finetune.report import format_report, plot_metrics, write_best_epoch_report, write_metrics
 from zoo import atomic
 from zoo.backbones import create_backbone, data_config, state_dict_hash, unreadable_reason
-from zoo.data import CLASS_ORDER, Dataset, check_images, read_dataset
+from zoo.cpu import CpuBudget, apply_budget, cpu_budget
+from zoo.data import CLASS_ORDER, Dataset, check_images, read_dataset, read_listing
 from zoo.errors import UserInputError
+from zoo.folds import fold_dataset
 from zoo.predictions import Predictions, write_predictions
 from zoo.rundir import RunDir
 
@@ -103,16 +105,20 @@ class StopFlag:
             signal.signal(sig, h)
 
 
-def _read_data(cfg: FinetuneConfig, log, dist: Dist) -> Dataset:
+def _read_data(cfg: FinetuneConfig, log, dist: Dist, budget: CpuBudget) -> Dataset:
     """Read the dataset and decode every image once; under torchrun each rank checks its share."""
-    dataset = read_dataset(cfg.data, val_fraction=cfg.val_fraction, val_from_train=cfg.val_from_train,
-                           seed=cfg.seed, allow_outside_root=cfg.allow_outside_root)
+    if cfg.folds:  # one fold model of a cross-fit: folds are assigned on the listed ids, before any image is read
+        dataset = fold_dataset(read_listing(cfg.data, allow_outside_root=cfg.allow_outside_root), cfg.folds,
+                               cfg.fold_seed, cfg.fold, cfg.pool)
+    else:
+        dataset = read_dataset(cfg.data, val_fraction=cfg.val_fraction, val_from_train=cfg.val_from_train,
+                               seed=cfg.seed, allow_outside_root=cfg.allow_outside_root)
     for warning in dataset.warnings:
         log(f"warning: {warning}")
     skipped = []
     for split in list(dataset.splits):
         samples = dataset.splits[split]
-        _, bad = check_images(samples[dist.rank::dist.world_size], workers=loaders.default_workers(cfg.workers))
+        _, bad = check_images(samples[dist.rank::dist.world_size], workers=budget.share)
         why = dict(b for part in dist.gather(bad) for b in part)
         dataset.splits[split] = [s for s in samples if s.id not in why]
         skipped += [(split, s.id, why[s.id]) for s in samples if s.id in why]
@@ -137,7 +143,7 @@ def _rate_table(model, groups, frozen: int, rates, lr: float) -> str:
     return "\n".join("  " + "  ".join(c.ljust(w) if i in (1, 3) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows)
 
 
-def _save_weights(path: Path, model: torch.nn.Module, metadata: dict[str, str]) -> None:
+def save_weights(path: Path, model: torch.nn.Module, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
@@ -213,6 +219,9 @@ def _start_or_resume(cfg: FinetuneConfig, run: RunDir) -> tuple[FinetuneConfig, 
         saved = FinetuneConfig.from_dict(run.read_config()["options"])
         saved.resume = True
         return saved, state, None
+    if run.is_cross_fit() and not cfg.folds:
+        raise UserInputError(f"{run.root}: holds a cross-fit (zoo finetune --folds); continue it with "
+                             f"`zoo finetune --resume --out {run.root}`, or choose another --out")
     if run.is_run():
         if run.resume_state.is_file() or run.model.is_file():
             raise UserInputError(f"{run.root}: already holds a run; pass --resume to continue it, or choose another --out")
@@ -227,12 +236,19 @@ def _train(cfg: FinetuneConfig, run: RunDir, resume_state: dict | None, dist: Di
     hardware = resolve_hardware(str(dist.device) if dist.enabled else cfg.device, cfg.amp, cfg.channels_last)
     if hardware.device.type == "cpu":
         keep_cpu_heap()
+    # Measured per call (each fold of a cross-fit measures again): threads that outnumber the free cores busy-wait.
+    # A resumed run keeps the threads and workers it started with: they decide its float sums and augmentation
+    # draws, so another split would not continue it exactly.
+    recorded = run.read_config().get("cpu_budget", {}) if resume_state is not None else {}
+    budget = cpu_budget(cfg.threads if cfg.threads is not None else recorded.get("threads"),
+                        cfg.workers if cfg.workers is not None else recorded.get("workers"), hardware.device.type)
+    apply_budget(budget)
     show_progress = dist.is_main and (sys.stderr.isatty() if progress is None else progress)
     lr = cfg.lr * world if cfg.scale_lr else cfg.lr  # linear scaling rule: the batch of a step is `world` times larger
     effective_batch = cfg.batch_size * cfg.accum_steps * world
 
     # Data.
-    dataset = _read_data(cfg, log, dist)
+    dataset = _read_data(cfg, log, dist, budget)
     classes, num_classes = dataset.classes, len(dataset.classes)
     train_counts = dataset.class_counts("train")
     log(f"data: {len(dataset.split('train'))} train, {len(dataset.split('val'))} val"
@@ -244,6 +260,10 @@ def _train(cfg: FinetuneConfig, run: RunDir, resume_state: dict | None, dist: Di
     model = create_backbone(cfg.backbone, num_classes, pretrained=cfg.pretrained, weights=cfg.weights, **model_kwargs)
     start_hash = state_dict_hash(model)
     dcfg = data_config(model, cfg.data_overrides())
+    if cfg.head_init == "probe" and resume_state is None:  # LP-FT; after start_hash, so every fold's start hash agrees
+        from finetune.probe import init_head_from_probe
+
+        log(init_head_from_probe(model, dataset.split("train"), dcfg, cfg, hardware, budget.workers))
     if cfg.sync_bn and dist.enabled:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same tensor names: checkpoints stay plain timm
     elif cfg.sync_bn:
@@ -252,7 +272,7 @@ def _train(cfg: FinetuneConfig, run: RunDir, resume_state: dict | None, dist: Di
     # Frozen stages, differential learning rates, optimizer, schedule.
     setup = prepare_training(model, cfg, hardware, lr)
     groups, frozen, frozen_norms, rates, optimizer = setup.groups, setup.frozen, setup.frozen_norms, setup.rates, setup.optimizer
-    workers = loaders.default_workers(cfg.workers)
+    workers = budget.workers
     pin = hardware.device.type == "cuda"
     mixup = None
     if cfg.mixup > 0 or cfg.cutmix > 0:
@@ -315,7 +335,7 @@ def _train(cfg: FinetuneConfig, run: RunDir, resume_state: dict | None, dist: Di
             "start_weights_sha256": start_hash, "weights_source": cfg.weights or ("hub" if cfg.pretrained else "random"),
             "hardware": hardware.describe(), "world_size": world, "effective_batch_size": effective_batch, "lr": lr,
             "distributed": {"world_size": world, "backend": dist.backend or None, "sync_bn": bool(cfg.sync_bn and dist.enabled)},
-            "updates_per_epoch": updates_per_epoch,
+            "updates_per_epoch": updates_per_epoch, "cpu_budget": budget.to_dict(),
             "versions": {"zoo": zoo.__version__, "torch": torch.__version__, "timm": timm.__version__,
                          "python": platform.python_version()},
         })
@@ -325,6 +345,7 @@ def _train(cfg: FinetuneConfig, run: RunDir, resume_state: dict | None, dist: Di
     log(f"{cfg.backbone}: {len(groups)} stage groups, first {frozen} frozen; head lr {lr:g}, layer decay "
         f"{cfg.layer_decay:g}, backbone x{cfg.backbone_lr_mult:g}; {cfg.optimizer}, {cfg.schedule}; {hardware.describe()}")
     log(_batch_and_rate_line(cfg, world, lr, effective_batch, dist))
+    log(budget.describe())
     log(_rate_table(model, groups, frozen, rates, lr))
 
     # The epoch loop.
@@ -413,6 +434,8 @@ def _train(cfg: FinetuneConfig, run: RunDir, resume_state: dict | None, dist: Di
         report = json.loads(run.report.read_text())
         log(format_report(report, classes))
         log(f"best epoch {best['epoch']}: val loss {best['val_loss']:.4f}, val accuracy {best['val_accuracy']:.4f} -> {run.root}")
+        atomic.write_json(run.result, {"status": status, "best_epoch": best["epoch"], "val_loss": best["val_loss"],
+                                       "val_accuracy": best["val_accuracy"], "epochs_run": len(history)})
     dist.barrier()  # the others wait until rank 0 has written the last files
     return _result(run, best, history, status, dist.rank)
 
@@ -481,7 +504,7 @@ def _evaluate(model, loader, shard, hardware, num_classes: int, dist: Dist):
 
 
 def _save_best(run: RunDir, cfg: FinetuneConfig, model, classes, dataset: Dataset, logits, labels, epoch: int) -> None:
-    _save_weights(run.model, model, {"backbone": cfg.backbone, "classes": json.dumps(classes), "epoch": str(epoch)})
+    save_weights(run.model, model, {"backbone": cfg.backbone, "classes": json.dumps(classes), "epoch": str(epoch)})
     preds = Predictions(logits=logits, labels=labels, ids=[s.id for s in dataset.split("val")], classes=classes,
                         backbone=cfg.backbone, run=str(run.root.resolve()), split="val", tta=1)
     write_predictions(run.predictions("val"), preds)

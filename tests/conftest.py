@@ -41,6 +41,6 @@ def tiny_config(data, out, backbone="test_resnet", **overrides):
     from finetune.config import FinetuneConfig
 
     options = dict(backbone=backbone, data=str(data), out=str(out), pretrained=False, epochs=2, batch_size=8,
-                   input_size=32, workers=0, warmup_epochs=0.5, auto_augment="none", patience=0)
+                   input_size=32, workers=0, threads=1, warmup_epochs=0.5, auto_augment="none", patience=0)
     options.update(overrides)
     return FinetuneConfig(**options)

@@ -2,12 +2,11 @@ import numpy as np
 import pytest
 
 import ensemble.fit as fit_module
-from ensemble.calibration import TemperatureScaler
-from ensemble.fit import FittedFold, cv_folds, fit_ensemble, stack_log_probs
+from ensemble.fit import FittedFold, cv_folds, fit_ensemble
 from ensemble.members import member_names
 from ensemble.synthetic import synthetic_members
 from zoo.errors import UserInputError
-from zoo.predictions import Predictions, align_predictions
+from zoo.predictions import Predictions
 
 
 def _members(m=4, n=300, c=4, seed=0, **kw):
@@ -18,45 +17,50 @@ def _members(m=4, n=300, c=4, seed=0, **kw):
 
 @pytest.mark.parametrize("method", ["slsqp", "greedy", "stacking"])
 def test_cv_scores_come_from_fits_that_never_saw_the_scored_rows(monkeypatch, method):
-    members = _members(n=200)
-    stack = stack_log_probs(align_predictions(members))
-    row_of = {stack[0, i].tobytes(): i for i in range(stack.shape[1])}
-    assert len(row_of) == stack.shape[1]  # every row identifiable from member 0's values
+    # Folds are row indices into one stack: spy on which rows each fit, each temperature
+    # fit and each prediction touches.
+    n = 200
+    members = _members(n=n)
+    everything = frozenset(range(n))
 
-    def rows(log_probs):
-        return frozenset(row_of[log_probs[0, i].tobytes()] for i in range(log_probs.shape[1]))
+    def as_set(rows):
+        return everything if rows is None else frozenset(np.asarray(rows).tolist())
 
-    fitted_on, predicted, temperature_sizes = {}, [], []
-    real_fit_fold, real_predict, real_ts_fit = fit_module.fit_fold, FittedFold.predict, TemperatureScaler.fit
+    fitted_on, predicted, temperature_rows = {}, [], []
+    real_fit_fold, real_predict, real_fit_t = fit_module.fit_fold, FittedFold.predict, fit_module.fit_temperature
 
-    def spy_fit_fold(log_probs, labels, spec):
-        fitted = real_fit_fold(log_probs, labels, spec)
-        fitted_on[id(fitted)] = rows(log_probs)
+    def spy_fit_fold(log_probs, labels, spec, rows=None):
+        fitted = real_fit_fold(log_probs, labels, spec, rows)
+        fitted_on[id(fitted)] = as_set(rows)
         return fitted
 
-    def spy_predict(self, log_probs, cal=None):
-        predicted.append((fitted_on[id(self)], rows(log_probs)))
-        return real_predict(self, log_probs, cal)
+    def spy_predict(self, log_probs, labels, rows=None):
+        predicted.append((fitted_on[id(self)], as_set(rows)))
+        return real_predict(self, log_probs, labels, rows)
 
-    def spy_ts_fit(self, logits, labels):
-        temperature_sizes.append(len(labels))
-        return real_ts_fit(self, logits, labels)
+    def spy_fit_t(z, labels, rows=None, *args, **kwargs):
+        if z.shape[0] == n:  # a member (a blend has the rows of its fit only)
+            temperature_rows.append(as_set(rows))
+        return real_fit_t(z, labels, rows, *args, **kwargs)
 
     monkeypatch.setattr(fit_module, "fit_fold", spy_fit_fold)
     monkeypatch.setattr(FittedFold, "predict", spy_predict)
-    monkeypatch.setattr(TemperatureScaler, "fit", spy_ts_fit)
+    monkeypatch.setattr(fit_module, "fit_temperature", spy_fit_t)
     ens = fit_ensemble(members, method=method, cv=4)
 
-    everything = frozenset(range(200))
     in_sample = [(f, p) for f, p in predicted if f == everything]
     held_out = [(f, p) for f, p in predicted if f != everything]
     assert len(in_sample) == 1 and len(held_out) == 4
     for fit_rows, scored_rows in held_out:
         assert not fit_rows & scored_rows  # no scored row was seen by the fit that scored it
         assert fit_rows | scored_rows == everything
-    assert sorted(i for _, p in held_out for i in p) == list(range(200))  # each row scored exactly once
-    # Temperatures were fitted inside the folds too: on 150 rows (3 of 4 folds), never on all 200 there.
-    assert set(temperature_sizes) == {200, 150}
+    assert sorted(i for _, p in held_out for i in p) == list(range(n))  # each row scored exactly once
+    # Member temperatures were fitted inside the folds too: on 150 rows (3 of 4 folds) there,
+    # never on all 200. (Final temperatures see a blend of exactly those rows.)
+    member_fits = temperature_rows
+    assert {len(r) for r in member_fits} == {200, 150}
+    test_folds = [p for _, p in held_out]
+    assert all(sum(1 for t in test_folds if not r & t) == 1 for r in member_fits if len(r) == 150)
     assert ens.scores["cv"]["folds"] == 4
 
 
@@ -98,11 +102,12 @@ def test_fit_report_shape_and_zero_weight_members_dropped():
         for row in ("ensemble", "best_member", "equal_weight"):
             assert set(ens.scores[part][row]) >= {"accuracy", "log_loss", "ece"}
     assert ens.scores["in_sample"]["best_member"]["member"] == "member_02"
-    # slsqp chooses weights and final temperature together: never worse in-sample than
-    # the best member or equal weights, on its target.
+    # Weights at T = 1 on calibrated members (the best member alone is one candidate),
+    # then a final temperature that can only lower the loss: never worse in-sample than
+    # the best member. (Equal weights, with their own final temperature, can be: weights
+    # chosen at T = 1 favour fewer members than the tempered blend would.)
     s = ens.scores["in_sample"]
     assert s["ensemble"]["log_loss"] <= s["best_member"]["log_loss"] + 1e-9
-    assert s["ensemble"]["log_loss"] <= s["equal_weight"]["log_loss"] + 1e-9
     assert len(ens.scores["cv"]["ensemble_by_fold"]) == 3
 
 
@@ -140,7 +145,7 @@ def test_says_so_when_one_member_is_all_there_is():
     assert ens.final_temperature == 1.0  # no second temperature on top of the member's own
     assert any("kept a single member (member_00)" in w for w in ens.warnings), ens.warnings
     cv = ens.scores["cv"]
-    assert cv["ensemble"]["log_loss"] == pytest.approx(cv["best_member"]["log_loss"], rel=1e-6)
+    assert cv["ensemble"]["log_loss"] == pytest.approx(cv["best_member"]["log_loss"], rel=1e-4)  # float32 blends
 
 
 def test_warns_when_the_ensemble_does_not_beat_the_best_member_out_of_sample():

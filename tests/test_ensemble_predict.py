@@ -76,7 +76,7 @@ def test_refuses_prediction_files_of_other_classes(project, tmp_path):
 
 
 def _fake_inference(monkeypatch, calls, classes_override=None):
-    def predict_run(run, data, split="test", tta=1, batch_size=64, device=None):
+    def predict_run(run, data, split="test", tta=1, batch_size=64, device=None, log=None):
         calls.append((Path(run).name, split, tta, batch_size, device))
         p = read_predictions(RunDir(run).predictions("test"))
         return replace(p, classes=classes_override or p.classes, tta=tta, split=split)

@@ -81,19 +81,36 @@ def test_slsqp_grid_check_on_three_members():
     assert fit.loss_ <= best + 1e-9
 
 
-@pytest.mark.parametrize("rule", ["arithmetic", "geometric"])
-def test_slsqp_with_temperature_beats_weights_then_temperature(rule):
-    from ensemble.calibration import TemperatureScaler
+@pytest.mark.parametrize("method", ["slsqp", "greedy", "random"])
+def test_fit_from_true_class_probabilities_equals_fit_on_the_stack(method):
+    # Arithmetic rule, log loss: the [N, M] true-class probabilities are all the objective sees.
+    log_probs, y = _stack(synthetic_members(5, 500, 6, signal=np.linspace(0.5, 2.5, 5), shared=0.4, seed=4))
+    q = np.exp(log_probs[:, np.arange(len(y)), y].astype(np.float64)).T
+    kwargs = {"n_iter": 30} if method != "slsqp" else {}
+    full = make_search(method, **kwargs).fit(log_probs, y)
+    fast = make_search(method, **kwargs).fit_true_probs(q)
+    np.testing.assert_allclose(fast.weights_, full.weights_, atol=1e-6)
+    assert fast.loss_ == pytest.approx(full.loss_, rel=1e-9)
 
-    # Calibrated members that disagree: their average is under-confident.
-    log_probs, y = _stack(synthetic_members(5, 800, 6, signal=np.linspace(1.0, 2.5, 5), shared=0.3, seed=2))
-    plain = SlsqpWeights(combine=rule).fit(log_probs, y)
-    blend = plain.predict_log_proba(log_probs)
-    two_step = TemperatureScaler().fit(blend, y).log_loss_after_
-    joint = SlsqpWeights(combine=rule, temperature=True).fit(log_probs, y)
-    tempered = log_loss(np.exp(log_softmax(joint.predict_log_proba(log_probs) / joint.temperature_)), y)
-    assert tempered == pytest.approx(joint.tempered_loss_, rel=1e-5)
-    assert joint.tempered_loss_ <= two_step + 1e-7
+
+def test_true_class_fit_is_refused_where_other_classes_matter():
+    q = np.full((4, 2), 0.5)
+    with pytest.raises(ValueError, match=r"only the arithmetic rule under log loss .* got combine 'geometric'"):
+        SlsqpWeights(combine="geometric").fit_true_probs(q)
+    with pytest.raises(ValueError, match=r"true_probs: expected probabilities in \[0, 1\] of shape \[N, M\], got shape \(4,\)"):
+        SlsqpWeights().fit_true_probs(np.full(4, 0.5))
+
+
+def test_slsqp_gives_a_member_without_information_no_weight_at_t1():
+    from ensemble.fit import calibrated, fit_temperatures
+
+    # Two good members and one whose logits are independent of the labels, calibrated
+    # first: at T = 1 a near-uniform member only dilutes the blend.
+    log_probs, y = _stack(synthetic_members(3, 4000, 10, signal=[2.0, 2.0, 0.0], seed=0))
+    cal = calibrated(log_probs, fit_temperatures(log_probs, y))
+    fit = SlsqpWeights().fit(cal, y)
+    assert fit.weights_[2] <= 1e-6
+    assert fit.weights_[:2].min() > 0.3
 
 
 def test_greedy_recovers_the_closed_form_weights_to_its_granularity():
@@ -218,7 +235,6 @@ def test_search_kwargs_errors(method, options, match):
     ("random", {"n_iter": "10"}, r"n_iter: expected an integer >= 0 \(random samples\), got '10'"),
     ("slsqp", {"tol": 0}, r"tol: expected a positive tolerance, got 0"),
     ("slsqp", {"max_iter": 0}, r"max_iter: expected an integer >= 1, got 0"),
-    ("slsqp", {"temperature_bounds": (2, 3)}, r"temperature_bounds: expected 0 < low < 1 < high, got \(2, 3\)"),
     ("stacking", {"C": -1}, r"C: expected 'auto' or a positive inverse regularisation strength, got -1"),
     ("stacking", {"C": "best"}, r"C: expected 'auto' or a positive inverse regularisation strength, got 'best'"),
     ("stacking", {"clip": 0.5}, r"clip: expected a negative log-probability floor, got 0.5"),
@@ -260,17 +276,14 @@ def _numeric_gradient(objective, point, step=1e-5):
     return np.array([(objective(point + step * e)[0] - objective(point - step * e)[0]) / (2 * step) for e in np.eye(len(point))])
 
 
-@pytest.mark.parametrize("members", [None, [1, 3]])
-def test_analytic_gradients_match_finite_differences(members):
+def test_analytic_gradients_match_finite_differences():
     from ensemble.weights import _Problem
 
     log_probs, y = _stack(synthetic_members(4, 300, 5, signal=[1, 2, 3, 1.5], shared=0.4, scale=[0.5, 1, 3, 2], seed=1))
     problem = _Problem(log_probs, y, "log_loss", "arithmetic")
-    k = 4 if members is None else len(members)
-    # weights and log inverse temperature, for the arithmetic blend with a final temperature
-    tempered = problem.tempered_objective(None if members is None else np.array(members))
-    point = np.append(np.linspace(1, 2, k) / np.linspace(1, 2, k).sum(), np.log(1.3))
-    np.testing.assert_allclose(tempered(point)[1], _numeric_gradient(tempered, point), rtol=1e-4, atol=1e-6)
+    arithmetic = SlsqpWeights()._objective(problem)
+    point = np.linspace(1, 2, 4) / np.linspace(1, 2, 4).sum()
+    np.testing.assert_allclose(arithmetic(point)[1], _numeric_gradient(arithmetic, point), rtol=1e-4, atol=1e-6)
     # unnormalised weights of the geometric blend
     geometric = lambda v: problem._geometric_log_loss(v, gradient=True)  # noqa: E731
     point = np.linspace(0.2, 0.9, 4)

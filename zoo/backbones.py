@@ -94,9 +94,10 @@ def unreadable_reason(error: Exception) -> str:
 def needs_img_size(name: str) -> bool:
     """Whether ``name`` is built for a fixed input size (ViT-style), so a new size must be passed as ``img_size``."""
     try:
-        cfg = timm.models.get_pretrained_cfg(name) or timm.models.get_pretrained_cfg(name.split(".")[0])
-    except Exception:  # unknown name: the factory reports it
-        return False
+        cfg = timm.models.get_pretrained_cfg(name)
+    except RuntimeError:  # a tag timm does not know: the architecture's default config still tells
+        cfg = None
+    cfg = cfg or timm.models.get_pretrained_cfg(name.split(".")[0])  # None for an unknown architecture: the factory reports it
     return bool(cfg is not None and cfg.fixed_input_size)
 
 

@@ -298,6 +298,12 @@ def _reader_for(path: Path) -> str:
     return "csv" if path.is_file() else "folder"
 
 
+def read_listing(data: str | os.PathLike, *, allow_outside_root: bool = False) -> Dataset:
+    """The dataset's splits as listed (image folders or CSV rows), with no validation split taken."""
+    path = Path(data)
+    return READERS[_reader_for(path)](path, allow_outside_root=allow_outside_root)
+
+
 def read_dataset(data: str | os.PathLike, *, val_fraction: float = 0.2, val_from_train: bool = False,
                  seed: int = 0, allow_outside_root: bool = False) -> Dataset:
     """Read an image folder or CSV dataset, with a validation split.
@@ -306,8 +312,7 @@ def read_dataset(data: str | os.PathLike, *, val_fraction: float = 0.2, val_from
     train becomes the validation split; the dataset's own ``val/`` then becomes the
     test split if it has no ``test/``.
     """
-    path = Path(data)
-    dataset = READERS[_reader_for(path)](path, allow_outside_root=allow_outside_root)
+    dataset = read_listing(data, allow_outside_root=allow_outside_root)
     if val_from_train or not dataset.split("val"):
         dataset = split_from_train(dataset, val_fraction, seed)
     return dataset

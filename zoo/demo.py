@@ -69,8 +69,11 @@ def _scores(log_probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     return score_table_from_log_probs(log_probs, labels)
 
 
-def run_demo(out: str | os.PathLike, *, epochs: int | None = None, log: Callable[[str], None] = print) -> DemoResult:
-    """Run the demo into ``out`` (a new folder) and return its summary table."""
+def run_demo(out: str | os.PathLike, *, epochs: int | None = None, threads: int | None = None,
+             log: Callable[[str], None] = print) -> DemoResult:
+    """Run the demo into ``out`` (a new folder) and return its summary table.
+
+    ``threads``: torch CPU threads (default: each step measures the free cores, ``zoo.cpu``)."""
     from ensemble.diversity import correlate, write_correlation
     from ensemble.file import write_ensemble
     from ensemble.fit import fit_ensemble
@@ -91,11 +94,11 @@ def run_demo(out: str | os.PathLike, *, epochs: int | None = None, log: Callable
 
     runs = []
     for step, (name, backbone, overrides) in enumerate(DEMO_MEMBERS, start=1):
-        options = {**DEMO_OPTIONS, **overrides, **({"epochs": epochs} if epochs else {})}
+        options = {**DEMO_OPTIONS, **overrides, **({"epochs": epochs} if epochs else {}), "threads": threads}
         run = out / "runs" / name
         log(f"[2/5] fine-tuning {backbone} ({step}/{len(DEMO_MEMBERS)}), {options['epochs']} epochs -> {run}")
         finetune(FinetuneConfig(backbone=backbone, data=str(data), out=str(run), **options),
-                 log=lambda m: log("      " + m) if m.startswith("epoch") or " -> " in m else None)
+                 log=lambda m: log("      " + m) if m.startswith(("epoch", "cpu budget")) or " -> " in m else None)
         runs.append(run)
 
     log("[3/5] correlation of validation predictions")
@@ -110,7 +113,7 @@ def run_demo(out: str | os.PathLike, *, epochs: int | None = None, log: Callable
     log("[5/5] predicting the untouched test split")
     test = []
     for run in runs:
-        preds = predict_run(run, data, split="test")
+        preds = predict_run(run, data, split="test", threads=threads)
         write_predictions(run / "predictions" / "test.safetensors", preds)
         test.append(preds)
     combined = predict_ensemble(ensemble, predictions=test)

@@ -168,7 +168,11 @@ def load_predictions(source: str | os.PathLike, split: str = "val") -> Predictio
             raise UserInputError(f"{source}: neither a prediction file nor a zoo run directory (no config.json)")
         path = run.predictions(split)
         if not path.is_file():
-            raise UserInputError(f"{source}: the run has no {split} predictions ({path} is missing); run `zoo predict {source} --split {split}` first")
+            if split == "oof":
+                raise UserInputError(f"{source}: the run has no out-of-fold predictions ({path} is missing); they come from "
+                                     f"cross-fitting (`zoo finetune BACKBONE --data DATA --folds 5 --out RUN`), or pass --split val")
+            raise UserInputError(f"{source}: the run has no {split} predictions ({path} is missing); make them with "
+                                 f"`zoo predict {source} --data DATA --split {split} --out {path}`")
         return read_predictions(path)
     return read_predictions(source)
 
@@ -210,3 +214,13 @@ def align_predictions(preds: Sequence[Predictions]) -> list[Predictions]:
             )
         out.append(aligned)
     return out
+
+
+def mean_probability(preds: Sequence[Predictions], **metadata) -> Predictions:
+    """One prediction set whose probabilities are the mean of ``preds``' (aligned by id); ``metadata``:
+    ``backbone``, ``run``, ``split`` of the result."""
+    aligned = align_predictions(preds)
+    probabilities = np.mean([p.probabilities() for p in aligned], axis=0)
+    first = aligned[0]
+    return Predictions(logits=np.log(np.clip(probabilities, 1e-30, None)), labels=first.labels, ids=first.ids,
+                       classes=first.classes, tta=first.tta, **metadata)

@@ -18,7 +18,7 @@ class RunDir:
     def __init__(self, root: str | os.PathLike):
         object.__setattr__(self, "root", Path(root))
 
-    # Files named in DESIGN.md.
+    # The files README.md's run-directory table names.
     @property
     def config(self) -> Path:
         return self.root / "config.json"
@@ -66,6 +66,28 @@ class RunDir:
     @property
     def splits(self) -> Path:
         return self.root / "splits.json"
+
+    @property
+    def result(self) -> Path:
+        """Written when training ends (finished or early-stopped): a run without it is unfinished."""
+        return self.root / "result.json"
+
+    # Cross-fitted runs (``zoo finetune --folds K``): each fold is a run directory of its own.
+    @property
+    def folds(self) -> Path:
+        return self.root / "folds.json"
+
+    def fold_run(self, fold: int) -> "RunDir":
+        return RunDir(self.root / f"fold-{fold}")
+
+    def is_cross_fit(self) -> bool:
+        return self.folds.is_file() and self.config.is_file()
+
+    def fold_runs(self) -> list["RunDir"]:
+        """The fold runs of a cross-fitted run, in fold order (empty for any other run)."""
+        if not self.is_cross_fit():
+            return []
+        return [self.fold_run(i) for i in range(1, int(self.read_config().get("folds", 0)) + 1)]
 
     def is_run(self) -> bool:
         return self.config.is_file()

@@ -20,7 +20,8 @@ def _err(message: str) -> None:
 
 @click.command("correlate")
 @click.argument("sources", nargs=-1, required=True, metavar="RUN_OR_PREDFILE...")
-@click.option("--split", default="val", show_default=True, help="Which predictions to read from a run directory.")
+@click.option("--split", default="auto", show_default=True,
+              help="Which predictions to read from a run directory: auto = oof (out-of-fold) when every run is cross-fitted, else val.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Folder for members.csv, pairs.csv, matrix_<measure>.csv, correlation.json and heatmap.png.")
 @click.option("--measure", type=click.Choice(list(PAIRWISE_MEASURES)), default="prob_corr", show_default=True,
@@ -84,11 +85,13 @@ def ensemble_group():
 @click.option("--combine", type=click.Choice(list(COMBINE_RULES)), default="arithmetic", show_default=True,
               help="arithmetic: weighted mean of probabilities; geometric: weighted mean of log-probabilities.")
 @click.option("--calibrate/--no-calibrate", default=True, show_default=True,
-              help="Temperature-scale each member before combining and the blend after, on validation log loss.")
+              help="In stages, on validation log loss: a temperature per member, then the weights on the calibrated "
+                   "members, then one temperature for the blend with the weights fixed.")
 @click.option("--cv", type=click.IntRange(min=0), default=5, show_default=True,
               help="Folds for the held-out scores (0: none). The whole fit, temperatures included, is repeated per fold.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the folds, bags and random search.")
-@click.option("--split", default="val", show_default=True, help="Which predictions to read from a run directory.")
+@click.option("--split", default="auto", show_default=True,
+              help="Which predictions to read from a run directory: auto = oof (out-of-fold) when every run is cross-fitted, else val.")
 @click.option("--iterations", type=click.IntRange(min=0), default=None,
               help="greedy: selection steps (default 100); random: samples (default 1000).")
 @click.option("--init", default=None, help="greedy: start from the N best members, or 'auto' (default) to choose N.")
@@ -116,14 +119,13 @@ def fit_command(sources, out, method, metric, combine, calibrate, cv, seed, spli
     zoo ensemble fit runs/*/predictions/val.safetensors --combine geometric --cv 10 --out ens.json
     """
     from ensemble.file import write_ensemble
-    from ensemble.fit import fit_ensemble
-    from ensemble.predict import load_prediction_sources
+    from ensemble.fit import fit_ensemble, read_members
     from ensemble.report import format_fit_report
     from ensemble.weights import search_kwargs
 
     options = search_kwargs(method, iterations=iterations, init=init, use_best=use_best, bags=bags,
                             bag_fraction=bag_fraction, C=stacking_c)
-    members = load_prediction_sources(sources, split)
+    members = read_members(sources, split)  # one file at a time into one stack
     ens = fit_ensemble(members, method=method, metric=metric, combine=combine, calibrate=calibrate, cv=cv, seed=seed,
                        options=options, log=_err)
     click.echo(format_fit_report(ens))
@@ -173,6 +175,48 @@ def predict_command(ensemble_file, sources, data, split, tta, batch_size, device
         scores = score_table(result.probabilities(), result.labels)
         _err("labelled samples: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
     _err(f"wrote {len(result.ids)} predictions to {out}")
+
+
+@ensemble_group.command("score")
+@click.argument("ensemble_file", type=click.Path(dir_okay=False), metavar="ENSEMBLE_JSON")
+@click.argument("sources", nargs=-1, metavar="[RUN_OR_PREDFILE...]")
+@click.option("--data", type=click.Path(), default=None,
+              help="Dataset (image folder or CSV) to run every member's checkpoint on, dropped members too.")
+@click.option("--split", default="test", show_default=True,
+              help="The labelled holdout: with --data the split to predict; with runs, which predictions to read.")
+@click.option("--tta", type=click.IntRange(min=1), default=1, show_default=True, help="With --data: test-time augmentation views.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="With --data.")
+@click.option("--device", default=None, help="With --data: cpu, cuda, cuda:1 ... (default: the best available).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also save the table: FILE.csv or FILE.json.")
+def score_command(ensemble_file, sources, data, split, tta, batch_size, device, out):
+    """Score an ensemble, each member and equal weights on a labelled holdout.
+
+    Prints accuracy, log loss and ECE of every member (kept and dropped, each at its raw
+    probabilities), of the equal-weight average (the plain mean of all members' raw
+    probabilities) and of the fitted ensemble, and marks the best single member. Score it
+    on rows no weight, temperature or setting was chosen on (a test/ folder): the
+    validation rows the ensemble was fitted on would flatter it.
+
+    \b
+    zoo ensemble score ens.json --data data/ --split test
+    zoo ensemble score ens.json runs/* --split test --out holdout.csv
+    """
+    from ensemble.predict import load_prediction_sources
+    from ensemble.score import format_score_table, score_ensemble, write_score_table
+
+    if data is not None and sources:
+        raise click.UsageError("pass --data or prediction files, not both")
+    if data is None and not sources:
+        raise click.UsageError("pass --data DIR to predict images, or the members' prediction files (dropped members too)")
+    preds = load_prediction_sources(sources, split) if sources else None
+    table = score_ensemble(ensemble_file, predictions=preds, data=data, split=split, tta=tta, batch_size=batch_size,
+                           device=device, log=_err)
+    click.echo(format_score_table(table))
+    for note in table.notes:
+        _err(f"note: {note}")
+    if out is not None:
+        write_score_table(out, table)
+        _err(f"wrote {out}")
 
 
 COMMANDS = [correlate_command, ensemble_group]

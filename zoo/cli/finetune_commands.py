@@ -13,6 +13,9 @@ import click
 
 from finetune.config import FinetuneConfig
 
+# `zoo finetune --threads` comes from the config field; predict, lr-find and demo take the same help.
+THREADS_HELP = {f.name: f for f in dataclasses.fields(FinetuneConfig)}["threads"].metadata["help"]
+
 
 def _config_options(func):
     """Add one click option per FinetuneConfig field (except those marked cli=False)."""
@@ -56,14 +59,38 @@ def finetune_command(**options):
     zoo finetune convnext_tiny.fb_in22k --data data/ --out runs/convnext
     zoo finetune tf_efficientnet_lite0 --weights lite0.pth --data data/ --out runs/lite0
     zoo finetune --resume --out runs/convnext
+    zoo finetune tf_efficientnet_lite0 --weights lite0.pth --data data/ --folds 5 --out runs/lite0
+
+    \b
+    With --folds K the run is cross-fitted: RUN/fold-1 ... RUN/fold-K are fold models, each
+    trained on K-1 folds of train/ and picking its epoch on the fold it holds out;
+    RUN/predictions/oof.safetensors holds every train/ image once, predicted by the model
+    that did not train on it (what `zoo ensemble fit` fits weights on), and
+    RUN/predictions/val.safetensors the fold models' mean on the untouched val/.
     """
     from finetune.train import finetune
+    from zoo.rundir import RunDir
 
     cfg = FinetuneConfig(**options)
     if not cfg.resume and not cfg.data:
         raise click.UsageError("--data is required (an image folder or a CSV)")
     if not cfg.resume and not cfg.backbone:
         raise click.UsageError("BACKBONE is required, e.g. `zoo finetune resnet50 --data DIR --out RUN`")
+    if cfg.linear_probe:  # no epochs: a logistic-regression head on frozen features (finetune/probe.py), --folds too
+        from finetune.probe import linear_probe
+
+        click.echo(linear_probe(cfg).summary)
+        return
+    if cfg.folds or (cfg.resume and RunDir(cfg.out).is_cross_fit()):
+        from finetune.kfold import finetune_folds
+
+        result = finetune_folds(cfg)
+        if result.rank == 0:
+            scores = "".join(f"\t{split}_log_loss={s['log_loss']:.4f}\t{split}_accuracy={s['accuracy']:.4f}"
+                             for split, s in result.scores.items())
+            click.echo(f"{result.run.root}\tfolds={result.folds}\ttrained={sorted(result.trained)}\t"
+                       f"skipped={result.skipped}{scores}\t{result.stopped}")
+        return
     result = finetune(cfg)
     if result.rank != 0:  # under torchrun, rank 0 alone prints the result
         return
@@ -81,14 +108,15 @@ def finetune_command(**options):
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--device", default=None, help="cuda, cpu ... (default: cuda when present)")
 @click.option("--allow-outside-root", is_flag=True, help="allow CSV paths outside the CSV's folder")
-def predict_command(run, data, split, out, tta, batch_size, device, allow_outside_root):
+@click.option("--threads", default=None, type=click.IntRange(min=1), help=THREADS_HELP)
+def predict_command(run, data, split, out, tta, batch_size, device, allow_outside_root, threads):
     """Predict images with a run's best model and write a prediction file."""
     from finetune.engine import log_loss_and_accuracy, stderr_log
     from finetune.inference import predict_run
     from zoo.predictions import write_predictions
 
     preds = predict_run(run, data, split=split, tta=tta, batch_size=batch_size, device=device, log=stderr_log,
-                        allow_outside_root=allow_outside_root)
+                        allow_outside_root=allow_outside_root, threads=threads)
     write_predictions(out, preds)
     loss, acc = log_loss_and_accuracy(preds.logits, preds.labels)
     known = int((preds.labels >= 0).sum())
@@ -111,6 +139,7 @@ def predict_command(run, data, split, out, tta, batch_size, device, allow_outsid
 @click.option("--input-size", default=None, type=int)
 @click.option("--optimizer", default=FinetuneConfig.optimizer, type=click.Choice(["adamw", "sgd"]), show_default=True)
 @click.option("--workers", default=None, type=int)
+@click.option("--threads", default=None, type=click.IntRange(min=1), help=THREADS_HELP)
 @click.option("--device", default=None)
 @click.option("--seed", default=0, show_default=True)
 def lr_find_command(backbone, data, plot, start_lr, end_lr, steps, **options):
@@ -129,7 +158,8 @@ COMMANDS = [finetune_command, predict_command, lr_find_command]
 @click.command("demo")
 @click.option("--out", default="zoo-demo", show_default=True, type=click.Path(file_okay=False), help="new folder for everything")
 @click.option("--epochs", default=None, type=int, help="epochs per backbone (default: 8)")
-def demo_command(out, epochs):
+@click.option("--threads", default=None, type=click.IntRange(min=1), help=THREADS_HELP)
+def demo_command(out, epochs, threads):
     """Run the whole pipeline on built-in data: three backbones, correlation, ensemble.
 
     Builds an image folder from scikit-learn's handwritten digits (no download),
@@ -140,7 +170,7 @@ def demo_command(out, epochs):
     """
     from zoo.demo import run_demo
 
-    result = run_demo(out, epochs=epochs, log=lambda m: click.echo(m, err=True))
+    result = run_demo(out, epochs=epochs, threads=threads, log=lambda m: click.echo(m, err=True))
     click.echo(result.summary)
     click.echo(f"report: {result.report}")
 

@@ -1,0 +1,174 @@
+"""Score a fitted ensemble on a holdout: ``zoo ensemble score``.
+
+Every member (kept and dropped, each at its raw probabilities), the equal-weight average
+(plain mean of all members' raw probabilities) and the fitted ensemble, on labelled
+predictions that the weights never saw. Returns a ``ScoreTable``; the command prints it.
+Only the image path imports torch, inside ``finetune.inference.predict_run``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ensemble.combine import combine
+from ensemble.file import read_ensemble
+from ensemble.members import member_run
+from ensemble.metrics import REPORTED_METRICS, score_table_from_log_probs
+from ensemble.model import Ensemble, Member
+from zoo import atomic
+from zoo.errors import UserInputError
+from zoo.predictions import Predictions, align_predictions
+
+SCORE_SUFFIXES = (".csv", ".json")
+
+
+@dataclass
+class ScoreRow:
+    name: str
+    kind: str  # "member", "dropped member", "equal weights", "ensemble"
+    weight: float | None
+    accuracy: float
+    log_loss: float
+    ece: float
+    note: str = ""
+
+
+@dataclass
+class ScoreTable:
+    rows: list[ScoreRow]
+    split: str
+    samples: int
+    best_member: str
+    notes: list[str] = field(default_factory=list)
+
+
+def _same(a: str | os.PathLike | None, b: str | None) -> bool:
+    if not a or not b:
+        return False
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
+def match_members(everyone: Sequence[Member], preds: Sequence[Predictions], classes: list[str], where: str) -> list[Predictions]:
+    """One prediction set per member, kept and dropped alike, in ``everyone``'s order: by run
+    directory, else by a backbone only one member has. Files of other classes are refused."""
+    for p in preds:
+        if p.classes != classes:
+            raise UserInputError(f"{p.source or p.name}: classes {p.classes} differ from {where}'s {classes}; "
+                                 "pass predictions of the members this ensemble was fitted on")
+    backbones = [m.backbone for m in everyone]
+    matched: dict[int, Predictions] = {}
+    for p in preds:
+        run = member_run(p) or p.run or None
+        index = next((i for i, m in enumerate(everyone) if _same(run, m.run)), None)
+        if index is None and p.backbone and backbones.count(p.backbone) == 1:
+            index = backbones.index(p.backbone)
+        if index is not None and index not in matched:
+            matched[index] = p
+    missing = [m.name for i, m in enumerate(everyone) if i not in matched]
+    if missing:
+        raise UserInputError(f"{where}: no prediction file for member(s) {', '.join(missing)} among the {len(preds)} given; "
+                             "scoring needs every member's predictions, dropped ones included (pass their run directories)")
+    return [matched[i] for i in range(len(everyone))]
+
+
+def _predict_runs(ens: Ensemble, everyone: Sequence[Member], data, split, tta, batch_size, device, where, log) -> list[Predictions]:
+    from ensemble.predict import member_run_dir
+    from zoo.rundir import RunDir
+
+    runs = []
+    for m in everyone:  # check every run before any inference
+        run = member_run_dir(m, where)
+        if RunDir(run).read_config().get("classes") != ens.classes:
+            raise UserInputError(f"{RunDir(run).config}: classes differ from {where}'s {ens.classes}; "
+                                 f"member {m.name!r} was trained on other classes than the ensemble")
+        runs.append(run)
+    from finetune.inference import predict_run  # torch is imported here, and only here
+
+    out = []
+    for j, (m, run) in enumerate(zip(everyone, runs)):
+        if log is not None:
+            log(f"predicting {split} of {data} with {m.name} ({m.backbone}, tta={tta})")
+        out.append(predict_run(run, data, split=split, tta=tta, batch_size=batch_size, device=device,
+                               log=log if j == 0 else None))
+    return out
+
+
+def score_ensemble(ensemble: Ensemble | str | os.PathLike, predictions: Sequence[Predictions] | None = None,
+                   data: str | os.PathLike | None = None, split: str = "test", tta: int = 1, batch_size: int = 64,
+                   device: str | None = None, log: Callable[[str], None] | None = None) -> ScoreTable:
+    """Scores of every member, the equal-weight average and the ensemble on labelled rows.
+
+    With ``data`` every member's run (dropped ones too) predicts ``split`` of the images;
+    with ``predictions`` the files are matched to members by run directory or backbone.
+    """
+    where = str(ensemble) if not isinstance(ensemble, Ensemble) else "ensemble"
+    ens = ensemble if isinstance(ensemble, Ensemble) else read_ensemble(ensemble)
+    if (data is None) == (predictions is None or len(predictions) == 0):
+        raise UserInputError("pass either --data DIR (images) or prediction files of the members, not both or neither")
+    everyone = list(ens.members) + list(ens.dropped)
+    if data is not None:
+        preds = _predict_runs(ens, everyone, data, split, tta, batch_size, device, where, log)
+    else:
+        preds = match_members(everyone, predictions, ens.classes, where)
+        split = preds[0].split or split
+    preds = align_predictions(preds)
+    labels = preds[0].labels
+    if len(labels) == 0 or (labels < 0).any():
+        unknown = int((labels < 0).sum())
+        raise UserInputError(f"{preds[0].source or where}: {unknown} of {len(labels)} rows have no label (-1); "
+                             "scoring needs labelled predictions of a holdout (e.g. --split test of a labelled test/ folder)")
+    log_probs = [p.log_probabilities().astype(np.float32) for p in preds]
+    kept = len(ens.members)
+    rows = []
+    for i, (m, lp) in enumerate(zip(everyone, log_probs)):
+        s = score_table_from_log_probs(lp, labels, REPORTED_METRICS)
+        rows.append(ScoreRow(m.name, "member" if i < kept else "dropped member", m.weight if i < kept else 0.0,
+                             s["accuracy"], s["log_loss"], s["ece"], "raw probabilities (T = 1)"))
+    best = min(rows, key=lambda r: (r.log_loss, -r.accuracy))
+    best.note += "; best single member (log loss)"
+    equal = combine(np.stack(log_probs), np.full(len(log_probs), 1.0 / len(log_probs)), "arithmetic")
+    s = score_table_from_log_probs(equal, labels, REPORTED_METRICS)
+    rows.append(ScoreRow("equal weights", "equal weights", None, s["accuracy"], s["log_loss"], s["ece"],
+                         f"plain mean of all {len(log_probs)} members' raw probabilities"))
+    s = score_table_from_log_probs(ens.predict_log_proba(log_probs[:kept]), labels, REPORTED_METRICS)
+    rows.append(ScoreRow("ensemble", "ensemble", None, s["accuracy"], s["log_loss"], s["ece"],
+                         f"{ens.method}, {kept} members, as fitted"))
+    notes = [f"scored on {len(labels)} labelled rows of split {split!r}; these scores are honest only if no weight, "
+             "temperature, epoch or setting was chosen on these rows, which only you can guarantee"]
+    return ScoreTable(rows, split, len(labels), best.name, notes)
+
+
+def format_score_table(table: ScoreTable) -> str:
+    from ensemble.report import format_table
+
+    body = [[r.name, r.kind, r.weight, r.accuracy, r.log_loss, r.ece, r.note] for r in table.rows]
+    return "\n".join([f"Holdout scores ({table.samples} rows, split {table.split}); best single member: {table.best_member}",
+                      format_table(["", "kind", "weight", "accuracy", "log loss", "ECE", "note"], body)])
+
+
+def write_score_table(path: str | os.PathLike, table: ScoreTable) -> Path:
+    """``.csv``: one row per line of the table; ``.json``: the table with its notes."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return atomic.write_text(path, json.dumps(asdict(table), indent=2) + "\n")
+    if suffix == ".csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["name", "kind", "weight", "accuracy", "log_loss", "ece", "note"])
+        for r in table.rows:
+            writer.writerow([r.name, r.kind, "" if r.weight is None else f"{r.weight:.6g}",
+                             f"{r.accuracy:.6g}", f"{r.log_loss:.6g}", f"{r.ece:.6g}", r.note])
+        return atomic.write_text(path, buffer.getvalue())
+    raise UserInputError(f"{path}: --out must end in {' or '.join(SCORE_SUFFIXES)}, got {suffix or 'no suffix'!r}")
