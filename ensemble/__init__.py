@@ -21,7 +21,8 @@ from ensemble.file import read_ensemble, write_ensemble
 from ensemble.fit import cross_validate, cv_folds, fit_ensemble, read_members
 from ensemble.metrics import METRICS, SEARCHABLE_METRICS, expected_calibration_error
 from ensemble.model import Ensemble, Member
-from ensemble.predict import predict_ensemble, write_output
+from ensemble.predict import predict_ensemble
+from zoo.predictions import write_output
 from ensemble.report import format_correlation, format_fit_report
 from ensemble.score import ScoreTable, score_ensemble
 from ensemble.weights import (WEIGHT_SEARCHES, GreedyWeights, RandomWeights, SlsqpWeights, StackingCombiner,

@@ -9,8 +9,6 @@ Only the image path imports torch, inside ``finetune.inference.predict_run``.
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 from pathlib import Path
 from typing import Callable, Sequence
@@ -20,12 +18,10 @@ import numpy as np
 from ensemble.file import read_ensemble
 from ensemble.members import member_run
 from ensemble.model import Ensemble, Member
-from zoo import atomic
 from zoo.errors import UserInputError
-from zoo.predictions import Predictions, align_predictions, load_predictions, write_predictions
+from zoo.predictions import Predictions, align_predictions, load_predictions
 from zoo.rundir import RunDir
 
-OUTPUT_SUFFIXES = (".safetensors", ".csv")
 SPLIT_AUTO = "auto"  # oof when every run is cross-fitted, else val
 
 
@@ -179,26 +175,3 @@ def load_prediction_sources(sources: Sequence[str | os.PathLike], split: str) ->
         raise UserInputError(f"{oof[0].source} holds out-of-fold predictions but {other.source or other.name} holds "
                              f"{other.split or 'other'} predictions; every member must be scored on the same kind of rows")
     return preds
-
-
-def write_output(path: str | os.PathLike, preds: Predictions) -> Path:
-    """``.safetensors``: a prediction file (logits = log of the ensemble's probability);
-    ``.csv``: ``id,prediction,<class>...`` with one probability column per class."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        return write_predictions(path, preds)
-    if suffix == ".csv":
-        return atomic.write_text(path, predictions_csv(preds))
-    raise UserInputError(f"{path}: output must end in {' or '.join(OUTPUT_SUFFIXES)}, got {suffix or 'no suffix'!r}")
-
-
-def predictions_csv(preds: Predictions) -> str:
-    probs = preds.probabilities()
-    predicted = np.argmax(probs, axis=1)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["id", "prediction", *preds.classes])
-    for sid, k, row in zip(preds.ids, predicted, probs):
-        writer.writerow([sid, preds.classes[k], *(f"{v:.6g}" for v in row)])
-    return buffer.getvalue()

@@ -57,6 +57,8 @@ class FinetuneConfig:
     warmup_epochs: float = option(1.0, "linear warmup length in epochs (before the schedule's peak)")
     min_lr_ratio: float = option(0.01, "cosine ends at this fraction of each group's rate")
     restarts: int = option(0, "cosine restarts (SGDR): the epochs are split into restarts+1 cycles")
+    snapshots: bool = option(False, "with --restarts R: keep the model at the end of each of the R+1 cosine cycles as "
+                                    "RUN/snapshot-1 ... (snapshot ensemble: R+1 members for the cost of one run)")
     clip_grad: float | None = option(None, "clip the gradient norm to this value")
 
     # Regularisation and augmentation (timm's transforms).
@@ -110,6 +112,19 @@ class FinetuneConfig:
                                    "make each step's batch N times larger); without it --lr is used as given")
     seed: int = option(0, "random seed (data order, augmentation, head init, validation split)")
     resume: bool = option(False, "continue the run in --out where it stopped (mid-epoch after Ctrl-C/SIGTERM), with its saved options")
+
+    def cycle_epochs(self) -> int:
+        """Epochs per cosine cycle when cycles end at epoch ends (what --snapshots needs), else 0."""
+        after_warmup = self.epochs - self.warmup_epochs
+        if self.schedule != "cosine" or after_warmup <= 0 or after_warmup != int(after_warmup) or after_warmup % (self.restarts + 1):
+            return 0
+        return int(after_warmup) // (self.restarts + 1)
+
+    def snapshot_at(self, epoch: int) -> int:
+        """The snapshot (1..restarts+1) taken after ``epoch`` (1-based), or 0 for none."""
+        cycle = self.cycle_epochs() if self.snapshots else 0
+        after_warmup = epoch - int(self.warmup_epochs)
+        return after_warmup // cycle if cycle and after_warmup > 0 and after_warmup % cycle == 0 else 0
 
     def create_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for timm.create_model beyond the name and head."""
@@ -176,6 +191,16 @@ class FinetuneConfig:
             raise UserInputError(f"--pool {self.pool} needs --folds K: without folds there is nothing to pool")
         if self.folds is not None and self.val_from_train:
             raise UserInputError("--val-from-train has no effect with --folds (each fold is its model's validation); drop it")
+        if self.snapshots and (self.restarts < 1 or self.schedule != "cosine"):
+            raise UserInputError(f"--snapshots needs --restarts R >= 1 with the cosine schedule (R+1 cycles, a snapshot at "
+                                 f"the end of each), got --restarts {self.restarts} --schedule {self.schedule}")
+        if self.snapshots and not self.cycle_epochs():
+            whole = int(-(-self.warmup_epochs // 1))
+            cycles = self.restarts + 1
+            suggestion = whole + cycles * max(1, -(-(self.epochs - whole) // cycles))
+            raise UserInputError(f"--snapshots needs cycles that end at epoch ends: --epochs minus --warmup-epochs must be a "
+                                 f"whole multiple of --restarts + 1 ({cycles}), got {self.epochs} - {self.warmup_epochs:g}; "
+                                 f"e.g. --epochs {suggestion} --warmup-epochs {whole}")
         if self.pool not in POOLS:
             raise UserInputError(f"--pool must be one of {list(POOLS)}, got {self.pool!r}")
         if self.model_kwargs is not None:

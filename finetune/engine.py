@@ -78,6 +78,18 @@ def keep_cpu_heap() -> bool:
     return bool(mallopt(m_trim_threshold, 2 ** 31 - 1)) and bool(mallopt(m_mmap_max, 0))
 
 
+def create_ema(model: torch.nn.Module, decay: float):
+    """timm's ModelEmaV3 with its warmup: the decay at update k is min(decay, 1 - (1 + k)^(-2/3)).
+
+    Without it a per-step decay of 0.998 over the ~36 updates of a small dataset leaves the
+    average about 93% at the starting weights; with it the average follows the model early
+    and settles to ``decay`` once there are hundreds of updates.
+    """
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=decay, use_warmup=True)
+
+
 def seed_everything(seed: int, epoch: int = 0, rank: int = 0) -> torch.Generator:
     """Seed every RNG from (seed, epoch, rank); return the data-order generator of that epoch.
 

@@ -163,13 +163,30 @@ def _predict_holdout(fold_run: RunDir, cfg: FinetuneConfig, log) -> Predictions:
 
 def assemble(run: RunDir, cfg: FinetuneConfig, folds: dict[str, int], has_holdout: bool, log) -> dict[str, dict[str, float]]:
     """Write ``oof.safetensors`` (each pool image once, from the fold model that did not train on it)
-    and, with a holdout, ``val.safetensors`` (the fold models' mean probability). Returns their scores."""
-    parts = [read_predictions(run.fold_run(i).predictions("val")) for i in range(1, cfg.folds + 1)]
+    and, with a holdout, ``val.safetensors`` (the fold models' mean probability), for the run and for
+    each of its snapshots. Returns the run's scores."""
+    fold_runs = [run.fold_run(i) for i in range(1, cfg.folds + 1)]
+    scores = _assemble(run, cfg, fold_runs, folds, has_holdout, log)
+    for index in range(1, cfg.restarts + 2) if cfg.snapshots else ():
+        # Snapshot c of the cross-fit: a cross-fit of its own whose fold models are each fold's snapshot c.
+        snapshot = run.snapshot(index)
+        config = {**run.read_config(), "fold_runs": [f"../fold-{i}/snapshot-{index}" for i in range(1, cfg.folds + 1)],
+                  "snapshot": {"index": index, "of": cfg.restarts + 1}}
+        atomic.write_json(snapshot.config, config)
+        atomic.write_text(snapshot.folds, run.folds.read_text(encoding="utf-8"))
+        log(f"snapshot {index}/{cfg.restarts + 1}:")
+        _assemble(snapshot, cfg, [r.snapshot(index) for r in fold_runs], folds, has_holdout, log)
+    return scores
+
+
+def _assemble(run: RunDir, cfg: FinetuneConfig, fold_runs: list[RunDir], folds: dict[str, int], has_holdout: bool,
+              log) -> dict[str, dict[str, float]]:
+    parts = [read_predictions(r.predictions("val")) for r in fold_runs]
     rows: dict[str, tuple[int, int]] = {}  # id -> (fold, row)
     for fold, part in enumerate(parts, start=1):
         for row, sample_id in enumerate(part.ids):
             if folds.get(sample_id) != fold:  # a model scored an image it may have trained on: never fit on that
-                raise UserInputError(f"{run.fold_run(fold).predictions('val')}: holds {sample_id!r}, which is in fold "
+                raise UserInputError(f"{fold_runs[fold - 1].predictions('val')}: holds {sample_id!r}, which is in fold "
                                      f"{folds.get(sample_id)} (not {fold}); the fold runs do not match {run.folds}; cross-fit again")
             rows[sample_id] = (fold, row)
     ids = sorted(rows)
@@ -182,14 +199,14 @@ def assemble(run: RunDir, cfg: FinetuneConfig, folds: dict[str, int], has_holdou
     log(f"out-of-fold: {len(ids)} pool images{f' ({missing} unreadable, skipped)' if missing else ''}: log loss "
         f"{scores['oof']['log_loss']:.4f}, accuracy {scores['oof']['accuracy']:.4f} -> {run.predictions('oof')}")
     if has_holdout:
-        held = [_predict_holdout(run.fold_run(i), cfg, log) for i in range(1, cfg.folds + 1)]
+        held = [_predict_holdout(r, cfg, log) for r in fold_runs]
         mean = mean_probability(held, backbone=cfg.backbone, run=str(run.root.resolve()), split="val")
         write_predictions(run.predictions("val"), mean)
         scores["holdout"] = _scores(mean)
         log(f"holdout (val/, mean of {cfg.folds} fold models): log loss {scores['holdout']['log_loss']:.4f}, accuracy "
             f"{scores['holdout']['accuracy']:.4f} -> {run.predictions('val')}")
     atomic.write_json(run.result, {"status": "finished", "folds": cfg.folds, "scores": scores,
-                                   "fold_results": [_read_json(run.fold_run(i).result) for i in range(1, cfg.folds + 1)]})
+                                   "fold_results": [_read_json(r.result) for r in fold_runs]})
     return scores
 
 

@@ -26,7 +26,7 @@ import zoo
 from finetune import distributed, loaders
 from finetune.config import FinetuneConfig
 from finetune.distributed import Dist
-from finetune.engine import (EpochProgress, Hardware, Trainer, TrainingDiverged, keep_cpu_heap, log_loss_and_accuracy,
+from finetune.engine import (EpochProgress, Hardware, Trainer, TrainingDiverged, create_ema, keep_cpu_heap, log_loss_and_accuracy,
                              predict_logits, resolve_hardware, seed_everything, stderr_log)
 from finetune.freeze import count_parameters, freeze_stages, frozen_group_count, set_train_mode
 from finetune.optim import create_schedule, current_rates, prepare_training
@@ -296,11 +296,7 @@ def _train(cfg: FinetuneConfig, run: RunDir, resume_state: dict | None, dist: Di
     updates_per_epoch = -(-len(make_train_loader(torch.Generator(), 0)) // cfg.accum_steps)
     scheduler = create_schedule(optimizer, cfg.schedule, lr=lr, epochs=cfg.epochs, updates_per_epoch=updates_per_epoch,
                                 warmup_epochs=cfg.warmup_epochs, min_lr_ratio=cfg.min_lr_ratio, restarts=cfg.restarts)
-    ema = None
-    if cfg.ema:
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(model, decay=cfg.ema_decay)  # after freezing: it pairs tensors by position
+    ema = create_ema(model, cfg.ema_decay) if cfg.ema else None  # after freezing: it pairs tensors by position
     trainer = Trainer(model, optimizer, scheduler, hardware, num_classes, label_smoothing=cfg.label_smoothing,
                       class_weights=loaders.class_loss_weights(train_counts).to(hardware.device) if cfg.balance == "loss" else None,
                       mixup=mixup, accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad, ema=ema,
@@ -345,6 +341,9 @@ def _train(cfg: FinetuneConfig, run: RunDir, resume_state: dict | None, dist: Di
     log(f"{cfg.backbone}: {len(groups)} stage groups, first {frozen} frozen; head lr {lr:g}, layer decay "
         f"{cfg.layer_decay:g}, backbone x{cfg.backbone_lr_mult:g}; {cfg.optimizer}, {cfg.schedule}; {hardware.describe()}")
     log(_batch_and_rate_line(cfg, world, lr, effective_batch, dist))
+    if cfg.snapshots:
+        log(f"snapshots: {cfg.restarts + 1} cosine cycles of {cfg.cycle_epochs()} epoch(s) after warmup, one snapshot at the end "
+            f"of each; early stopping is off so that no cycle is cut short")
     log(budget.describe())
     log(_rate_table(model, groups, frozen, rates, lr))
 
@@ -402,6 +401,10 @@ def _train(cfg: FinetuneConfig, run: RunDir, resume_state: dict | None, dist: Di
                     _save_best(run, cfg, eval_model, classes, dataset, logits, labels, epoch + 1)
             else:
                 bad_epochs += 1
+            snapshot = cfg.snapshot_at(epoch + 1)
+            if snapshot and dist.is_main:  # before the resume state: a kill in between redoes the epoch and this save
+                _save_snapshot(run, cfg, eval_model, classes, dataset, logits, labels, epoch + 1, snapshot)
+                log(f"epoch {epoch + 1}: end of cosine cycle {snapshot}/{cfg.restarts + 1}; snapshot -> {run.snapshot(snapshot).root}")
             if dist.is_main:
                 _save_resume(run, model, optimizer, trainer, ema, epoch + 1, bad_epochs, history, best, None, world)
                 write_metrics(run.metrics_csv, history)
@@ -410,7 +413,8 @@ def _train(cfg: FinetuneConfig, run: RunDir, resume_state: dict | None, dist: Di
             log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {train['loss']:.4f} acc {train['accuracy']:.3f} | val loss "
                 f"{val_loss:.4f} acc {val_acc:.3f}{' *' if improved else ''} | {stats.seconds:.1f}s, "
                 f"{row['images_per_second']:.1f} img/s")
-            if cfg.patience and bad_epochs >= cfg.patience and epoch + 1 < cfg.epochs:
+            # With snapshots every cycle is run to its end: each one's last epoch is a member.
+            if cfg.patience and not cfg.snapshots and bad_epochs >= cfg.patience and epoch + 1 < cfg.epochs:
                 log(f"early stop: no improvement in val {cfg.monitor} for {bad_epochs} epochs")
                 status = "early-stopped"
                 break
@@ -509,6 +513,24 @@ def _save_best(run: RunDir, cfg: FinetuneConfig, model, classes, dataset: Datase
                         backbone=cfg.backbone, run=str(run.root.resolve()), split="val", tta=1)
     write_predictions(run.predictions("val"), preds)
     write_best_epoch_report(run, preds, epoch)
+
+
+def _save_snapshot(run: RunDir, cfg: FinetuneConfig, model, classes, dataset: Dataset, logits, labels, epoch: int,
+                   index: int) -> None:
+    """``RUN/snapshot-<index>``: the model at the end of cosine cycle ``index`` (Huang et al. 2017), an
+    ordinary run directory (config, weights, validation predictions, splits, result) usable as a member."""
+    snap = run.snapshot(index)
+    config = json.loads(run.config.read_text(encoding="utf-8"))
+    config["snapshot"] = {"index": index, "of": cfg.restarts + 1, "epoch": epoch, "run": str(run.root.resolve())}
+    atomic.write_json(snap.config, config)
+    atomic.write_text(snap.splits, run.splits.read_text(encoding="utf-8"))
+    save_weights(snap.model, model, {"backbone": cfg.backbone, "classes": json.dumps(classes), "epoch": str(epoch)})
+    preds = Predictions(logits=logits, labels=labels, ids=[s.id for s in dataset.split("val")], classes=classes,
+                        backbone=cfg.backbone, run=str(snap.root.resolve()), split="val", tta=1)
+    write_predictions(snap.predictions("val"), preds)
+    val_loss, val_acc = log_loss_and_accuracy(logits, labels)
+    atomic.write_json(snap.result, {"status": "snapshot", "best_epoch": epoch, "val_loss": val_loss, "val_accuracy": val_acc,
+                                    "epochs_run": epoch})
 
 
 def _save_resume(run: RunDir, model, optimizer, trainer: Trainer, ema, epoch: int, bad_epochs: int,

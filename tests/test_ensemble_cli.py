@@ -136,7 +136,7 @@ def test_predict_with_data_runs_the_members_through_finetune_inference(runs, tmp
 
     calls = []
 
-    def predict_run(run, data, split="test", tta=1, batch_size=64, device=None):
+    def predict_run(run, data, split="test", tta=1, batch_size=64, device=None, log=None):
         calls.append((Path(run).name, str(data), split, tta, batch_size, device))
         return replace(read_predictions(RunDir(run).predictions("test")), tta=tta, split=split)
 

@@ -10,7 +10,8 @@ import pytest
 
 from ensemble.file import read_ensemble, write_ensemble
 from ensemble.fit import fit_ensemble
-from ensemble.predict import load_prediction_sources, match_prediction_files, predict_ensemble, write_output
+from ensemble.predict import load_prediction_sources, match_prediction_files, predict_ensemble
+from zoo.predictions import write_output
 from ensemble.synthetic import synthetic_members, write_synthetic_runs
 from zoo.errors import UserInputError
 from zoo.predictions import read_predictions, write_predictions
@@ -153,7 +154,7 @@ def test_csv_and_safetensors_outputs(project, tmp_path):
     assert probs.sum() == pytest.approx(1.0, abs=1e-4)
     back = read_predictions(write_output(tmp_path / "preds.safetensors", out))
     np.testing.assert_allclose(back.probabilities(), out.probabilities(), atol=1e-6)
-    with pytest.raises(UserInputError, match=r"preds.txt: output must end in .safetensors or .csv, got '.txt'"):
+    with pytest.raises(UserInputError, match=r"preds.txt: output must end in .safetensors or .csv .*, got '.txt'"):
         write_output(tmp_path / "preds.txt", out)
 
 

@@ -90,3 +90,42 @@ def test_a_fixed_size_model_with_an_unknown_tag_still_gets_its_input_size():
     assert needs_img_size("vit_tiny_patch16_224.not_a_tag") is True
     assert needs_img_size("resnet18.not_a_tag") is False
     assert needs_img_size("no_such_architecture") is False
+
+
+def test_the_weight_average_follows_a_short_run():
+    # Item 8: --ema-decay 0.998 per step with no warmup left the EMA model mostly at its starting
+    # weights after the ~36 updates of a small dataset.
+    from finetune.engine import create_ema
+
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = create_ema(model, 0.998)
+    for step in range(1, 37):  # the weight walks from 0 to 1
+        with torch.no_grad():
+            model.weight.fill_(step / 36)
+        ema.update(model, step=step)
+    assert ema.module.weight.item() > 0.7
+
+
+def test_zoo_predict_writes_what_the_suffix_says(tmp_path):
+    # Item 1: `zoo predict RUN --out preds.csv` wrote a safetensors file under a .csv name.
+    import csv
+
+    from click.testing import CliRunner
+
+    from finetune.train import finetune
+    from tests.conftest import make_image_folder, tiny_config
+    from zoo.cli import main
+
+    data = make_image_folder(tmp_path / "data", per_class=(4, 2, 2))
+    finetune(tiny_config(data, tmp_path / "run", epochs=1), log=lambda m: None)
+    out = tmp_path / "preds.csv"
+    result = CliRunner().invoke(main, ["predict", str(tmp_path / "run"), "--data", str(data), "--out", str(out), "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.reader(out.open()))
+    assert rows[0] == ["id", "prediction", "ant", "bee", "cat"] and len(rows) == 7
+    assert abs(sum(float(v) for v in rows[1][2:]) - 1) < 1e-4
+    bad = tmp_path / "preds.txt"
+    result = CliRunner().invoke(main, ["predict", str(tmp_path / "run"), "--data", str(data), "--out", str(bad)])
+    assert result.exit_code == 1 and "output must end in .safetensors or .csv" in result.output and not bad.exists()

@@ -77,7 +77,8 @@ def run_demo(out: str | os.PathLike, *, epochs: int | None = None, threads: int 
     from ensemble.diversity import correlate, write_correlation
     from ensemble.file import write_ensemble
     from ensemble.fit import fit_ensemble
-    from ensemble.predict import predict_ensemble, write_output
+    from ensemble.predict import predict_ensemble
+    from zoo.predictions import write_output
     from ensemble.report import format_correlation, format_fit_report
     from finetune.config import FinetuneConfig
     from finetune.inference import predict_run

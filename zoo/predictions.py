@@ -10,6 +10,8 @@ Only numpy is needed here: the ensemble commands read prediction files without t
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ from zoo.errors import UserInputError
 from zoo.rundir import RunDir
 
 FORMAT_VERSION = 1
+OUTPUT_SUFFIXES = (".safetensors", ".csv")  # what `zoo predict` and `zoo ensemble predict` write
 
 
 @dataclass
@@ -224,3 +227,32 @@ def mean_probability(preds: Sequence[Predictions], **metadata) -> Predictions:
     first = aligned[0]
     return Predictions(logits=np.log(np.clip(probabilities, 1e-30, None)), labels=first.labels, ids=first.ids,
                        classes=first.classes, tta=first.tta, **metadata)
+
+
+def write_output(path: str | os.PathLike, preds: Predictions) -> Path:
+    """``.safetensors``: a prediction file (logits; with TTA or an ensemble, the log of the mean probability);
+    ``.csv``: ``id,prediction,<class>...`` with one probability column per class."""
+    path = Path(path)
+    if check_output_path(path) == ".safetensors":
+        return write_predictions(path, preds)
+    return atomic.write_text(path, predictions_csv(preds))
+
+
+def check_output_path(path: str | os.PathLike) -> str:
+    """The output's kind (its suffix), or one line refusing any other; checked before the work is done."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in OUTPUT_SUFFIXES:
+        raise UserInputError(f"{path}: output must end in {' or '.join(OUTPUT_SUFFIXES)} (a prediction file or a CSV of "
+                             f"id,prediction,<class probabilities>), got {suffix or 'no suffix'!r}")
+    return suffix
+
+
+def predictions_csv(preds: Predictions) -> str:
+    probs = preds.probabilities()
+    predicted = np.argmax(probs, axis=1)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["id", "prediction", *preds.classes])
+    for sid, k, row in zip(preds.ids, predicted, probs):
+        writer.writerow([sid, preds.classes[k], *(f"{v:.6g}" for v in row)])
+    return buffer.getvalue()

@@ -84,10 +84,18 @@ class RunDir:
         return self.folds.is_file() and self.config.is_file()
 
     def fold_runs(self) -> list["RunDir"]:
-        """The fold runs of a cross-fitted run, in fold order (empty for any other run)."""
+        """The fold runs of a cross-fitted run, in fold order (empty for any other run).
+
+        ``config.json`` lists them relative to the run: ``fold-i`` for a cross-fit,
+        ``../fold-i/snapshot-c`` for the cross-fit of its fold models' snapshot c."""
         if not self.is_cross_fit():
             return []
-        return [self.fold_run(i) for i in range(1, int(self.read_config().get("folds", 0)) + 1)]
+        config = self.read_config()
+        return [RunDir(self.root / p) for p in config.get("fold_runs") or [f"fold-{i}" for i in range(1, int(config["folds"]) + 1)]]
+
+    # Snapshot members (``--restarts R --snapshots``): the model at the end of each cosine cycle.
+    def snapshot(self, index: int) -> "RunDir":
+        return RunDir(self.root / f"snapshot-{index}")
 
     def is_run(self) -> bool:
         return self.config.is_file()

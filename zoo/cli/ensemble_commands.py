@@ -160,8 +160,10 @@ def predict_command(ensemble_file, sources, data, split, tta, batch_size, device
     zoo ensemble predict ens.json runs/*/predictions/test.safetensors --out test.safetensors
     """
     from ensemble.metrics import score_table
-    from ensemble.predict import load_prediction_sources, predict_ensemble, write_output
+    from ensemble.predict import load_prediction_sources, predict_ensemble
+    from zoo.predictions import check_output_path, write_output
 
+    check_output_path(out)
     if data is not None and sources:
         raise click.UsageError("pass --data or prediction files, not both")
     if data is None and not sources:

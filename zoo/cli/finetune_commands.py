@@ -103,21 +103,23 @@ def finetune_command(**options):
 @click.option("--data", required=True, type=click.Path(exists=True), help="dataset folder, CSV, or any folder of images")
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test", "all"]),
               help="which split of --data; 'all' predicts every image under it")
-@click.option("--out", required=True, type=click.Path(), help="prediction file to write (.safetensors)")
+@click.option("--out", required=True, type=click.Path(), help="prediction file (.safetensors) or CSV (.csv) to write")
 @click.option("--tta", default=1, show_default=True, help="test-time augmentation views (1: none; 2: + flip; up to 6 with zooms)")
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--device", default=None, help="cuda, cpu ... (default: cuda when present)")
 @click.option("--allow-outside-root", is_flag=True, help="allow CSV paths outside the CSV's folder")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help=THREADS_HELP)
 def predict_command(run, data, split, out, tta, batch_size, device, allow_outside_root, threads):
-    """Predict images with a run's best model and write a prediction file."""
+    """Predict images with a run's best model (a cross-fit: the mean of its fold models) and write a
+    prediction file (.safetensors) or a CSV of id,prediction,<class probabilities> (.csv)."""
     from finetune.engine import log_loss_and_accuracy, stderr_log
     from finetune.inference import predict_run
-    from zoo.predictions import write_predictions
+    from zoo.predictions import check_output_path, write_output
 
+    check_output_path(out)
     preds = predict_run(run, data, split=split, tta=tta, batch_size=batch_size, device=device, log=stderr_log,
                         allow_outside_root=allow_outside_root, threads=threads)
-    write_predictions(out, preds)
+    write_output(out, preds)
     loss, acc = log_loss_and_accuracy(preds.logits, preds.labels)
     known = int((preds.labels >= 0).sum())
     scores = f"\tlog_loss={loss:.4f}\taccuracy={acc:.4f} ({known} labelled)" if known else ""
