@@ -345,14 +345,13 @@ def _json_safe(obj):
 
 def write_heatmap(report: CorrelationReport, path: str | os.PathLike, measures: Sequence[str] = ("prob_corr", "correct_corr")) -> Path:
     """A PNG with one annotated heatmap per measure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure without pyplot draws with Agg on its own: no global backend is switched under the caller.
+    from matplotlib.figure import Figure
 
     m = len(report.names)
     size = max(4.0, 0.55 * m + 2.0)
-    fig, axes = plt.subplots(1, len(measures), figsize=(size * len(measures), size), squeeze=False)
+    fig = Figure(figsize=(size * len(measures), size))
+    axes = fig.subplots(1, len(measures), squeeze=False)
     for ax, name in zip(axes[0], measures):
         mat = report.matrices[name]
         image = ax.imshow(np.ma.masked_invalid(mat), cmap="viridis", vmin=-1 if name != "disagreement" else 0, vmax=1)
@@ -367,7 +366,4 @@ def write_heatmap(report: CorrelationReport, path: str | os.PathLike, measures: 
                                 color="black" if mat[i, j] > 0.5 else "white")
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    try:
-        return atomic.write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    finally:
-        plt.close(fig)
+    return atomic.write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))

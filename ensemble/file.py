@@ -52,7 +52,7 @@ def _member_json(m: Member, folder: Path) -> dict[str, Any]:
         "name": m.name, "backbone": m.backbone, "weight": m.weight, "temperature": m.temperature,
         "run": _relative(m.run, folder), "run_abs": m.run,
         "predictions": _relative(m.predictions, folder), "predictions_abs": m.predictions,
-        "scores": m.scores,
+        "scores": m.scores, "tta": m.tta,
     }
 
 
@@ -119,6 +119,7 @@ def _member_from_json(entry: Any, where: str, index: int, folder: Path) -> Membe
             name=str(entry["name"]), backbone=str(entry.get("backbone") or ""), weight=float(entry["weight"]),
             temperature=float(entry.get("temperature", 1.0)), run=_resolve(entry, "run", folder),
             predictions=_resolve(entry, "predictions", folder), scores=dict(entry.get("scores") or {}),
+            tta=int(entry.get("tta") or 1),
         )
     except (TypeError, ValueError) as e:
         raise UserInputError(f"{where}: member {index} ({entry.get('name')!r}) has a bad value ({e}); fit the ensemble again") from None

@@ -44,6 +44,7 @@ from ensemble.members import check_oof_members, member_names, member_run
 from ensemble.model import Ensemble, Member
 from ensemble.weights import ZERO_WEIGHT, ConvergenceWarning, blas_threads, get_weight_search, make_search
 from zoo.errors import UserInputError
+from zoo.rundir import RunDir
 from zoo.predictions import Predictions, align_predictions, load_predictions
 
 BASELINES = ("ensemble", "best_member", "equal_weight")
@@ -399,7 +400,7 @@ def _fit_ensemble(members, method, metric, combine, calibrate, cv, seed, options
             name=name, backbone=p.backbone or _config_backbone(run), weight=float(fitted.search.weights_[j]),
             temperature=float(fitted.temperatures[j]) if fitted.search.weighted else 1.0,
             run=str(run) if run is not None else None,
-            predictions=str(Path(p.source).resolve()) if p.source else None, scores=scores,
+            predictions=str(Path(p.source).resolve()) if p.source else None, scores=scores, tta=int(p.tta),
         ))
     if fitted.search.weighted:
         kept = [m for m in all_members if m.weight > ZERO_WEIGHT]

@@ -20,6 +20,7 @@ class Member:
     run: str | None = None  # absolute path of the member's run directory, when known
     predictions: str | None = None  # absolute path of the validation prediction file it was fitted on
     scores: dict[str, float] = field(default_factory=dict)  # its validation scores, at its temperature
+    tta: int = 1  # test-time augmentation views of the predictions its temperature (and the weights) were fitted on
 
 
 @dataclass
@@ -45,6 +46,23 @@ class Ensemble:
     scores: dict[str, Any] = field(default_factory=dict)
     dropped: list[Member] = field(default_factory=list)  # zero-weight members: scores only, never applied
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether a temperature other than 1 is applied (to a member or to the blend)."""
+        return self.final_temperature != 1.0 or any(m.temperature != 1.0 for m in self.members)
+
+    def tta_mismatches(self, member_tta: Sequence[int]) -> list[str]:
+        """A warning for each member whose predictions use other TTA views than those its temperature was fitted on.
+
+        TTA averages probabilities over views, which softens them: a temperature fitted on
+        single-view predictions then over-sharpens or under-sharpens the blend.
+        """
+        if not self.calibrated:
+            return []
+        return [f"member {m.name}: temperatures were fitted on predictions with tta={m.tta} and are applied to tta={t}; "
+                f"fit the ensemble on `zoo predict RUN --split run-val --tta {t}` predictions of each member"
+                for m, t in zip(self.members, member_tta) if int(t) != m.tta]
 
     @property
     def weights(self) -> np.ndarray:

@@ -25,7 +25,8 @@ from zoo.rundir import RunDir
 SPLIT_AUTO = "auto"  # oof when every run is cross-fitted, else val
 
 
-def _same_path(a: str | None, b: str | None) -> bool:
+def same_path(a: str | os.PathLike | None, b: str | None) -> bool:
+    """Whether two paths name the same file (False when either is missing)."""
     if not a or not b:
         return False
     try:
@@ -57,7 +58,7 @@ def match_prediction_files(ens: Ensemble, preds: Sequence[Predictions], where: s
     backbones = [m.backbone for m in ens.members]
     for p in preds:
         run = _file_run(p)
-        index = next((i for i, m in enumerate(ens.members) if _same_path(run, m.run)), None)
+        index = next((i for i, m in enumerate(ens.members) if same_path(run, m.run)), None)
         if index is None and p.backbone and backbones.count(p.backbone) == 1:
             index = backbones.index(p.backbone)
         if index is None or index in matched:
@@ -66,7 +67,7 @@ def match_prediction_files(ens: Ensemble, preds: Sequence[Predictions], where: s
             matched[index] = p
     if len(matched) == len(ens.members):
         for p in unmatched:
-            dropped = any(_same_path(_file_run(p), m.run) for m in ens.dropped)
+            dropped = any(same_path(_file_run(p), m.run) for m in ens.dropped)
             if log is not None:
                 log(f"note: {p.source or p.name} skipped ({'zero weight in the ensemble' if dropped else 'not a member of the ensemble'})")
         return [matched[i] for i in range(len(ens.members))]
@@ -95,17 +96,35 @@ def member_run_dir(member: Member, where: str) -> Path:
     return run.root
 
 
-def check_member_runs(ens: Ensemble, where: str) -> list[Path]:
+def check_member_runs(members: Sequence[Member], classes: list[str], where: str) -> list[Path]:
     """Every member's run directory, and refuse runs trained on other classes, before any inference."""
     runs = []
-    for m in ens.members:
+    for m in members:
         run = member_run_dir(m, where)
-        classes = RunDir(run).read_config().get("classes")
-        if classes != ens.classes:
-            raise UserInputError(f"{RunDir(run).config}: classes {classes} differ from {where}'s {ens.classes}; "
+        run_classes = RunDir(run).read_config().get("classes")
+        if run_classes != classes:
+            raise UserInputError(f"{RunDir(run).config}: classes {run_classes} differ from {where}'s {classes}; "
                                  f"member {m.name!r} was trained on other classes than the ensemble")
         runs.append(run)
     return runs
+
+
+def predict_member_runs(members: Sequence[Member], classes: list[str], data, split: str, tta: int, batch_size: int,
+                        device: str | None, where: str, log: Callable[[str], None] | None) -> list[Predictions]:
+    """Each member's run (a cross-fit: its fold models' mean) on ``split`` of the images in ``data``."""
+    runs = check_member_runs(members, classes, where)
+    from finetune.inference import predict_run  # torch is imported here, and only here
+
+    out = []
+    for j, (m, run) in enumerate(zip(members, runs)):
+        if log is not None:
+            log(f"predicting {split} of {data} with {m.name} ({m.backbone}, tta={tta})")
+        # Every member reads the same images: the first one says which it had to skip.
+        p = predict_run(run, data, split=split, tta=tta, batch_size=batch_size, device=device, log=log if j == 0 else None)
+        if p.classes != classes:
+            raise UserInputError(f"{run}: predicted classes {p.classes} differ from {where}'s {classes}")
+        out.append(p)
+    return out
 
 
 def predict_ensemble(ensemble: Ensemble | str | os.PathLike, predictions: Sequence[Predictions] | None = None,
@@ -122,22 +141,14 @@ def predict_ensemble(ensemble: Ensemble | str | os.PathLike, predictions: Sequen
     if (data is None) == (predictions is None or len(predictions) == 0):
         raise UserInputError("pass either --data DIR (images) or prediction files of the members, not both or neither")
     if data is not None:
-        runs = check_member_runs(ens, where)
-        from finetune.inference import predict_run  # torch is imported here, and only here
-
-        member_preds = []
-        for j, (m, run) in enumerate(zip(ens.members, runs)):
-            if log is not None:
-                log(f"predicting {split} of {data} with {m.name} ({m.backbone}, tta={tta})")
-            # Every member reads the same images: the first one says which it had to skip.
-            p = predict_run(run, data, split=split, tta=tta, batch_size=batch_size, device=device, log=log if j == 0 else None)
-            if p.classes != ens.classes:
-                raise UserInputError(f"{run}: predicted classes {p.classes} differ from {where}'s {ens.classes}")
-            member_preds.append(p)
+        member_preds = predict_member_runs(ens.members, ens.classes, data, split, tta, batch_size, device, where, log)
     else:
         member_preds = match_prediction_files(ens, predictions, where, log)
         split = member_preds[0].split or split
         tta = member_preds[0].tta
+    if log is not None:
+        for warning in ens.tta_mismatches([p.tta for p in member_preds]):
+            log(f"warning: {warning}")
     aligned = align_predictions(member_preds)
     log_probs = ens.predict_log_proba([p.logits for p in aligned])
     first = aligned[0]

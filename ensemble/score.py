@@ -23,6 +23,7 @@ from ensemble.file import read_ensemble
 from ensemble.members import member_run
 from ensemble.metrics import REPORTED_METRICS, score_table_from_log_probs
 from ensemble.model import Ensemble, Member
+from ensemble.predict import predict_member_runs, same_path
 from zoo import atomic
 from zoo.errors import UserInputError
 from zoo.predictions import Predictions, align_predictions
@@ -50,15 +51,6 @@ class ScoreTable:
     notes: list[str] = field(default_factory=list)
 
 
-def _same(a: str | os.PathLike | None, b: str | None) -> bool:
-    if not a or not b:
-        return False
-    try:
-        return Path(a).resolve() == Path(b).resolve()
-    except OSError:
-        return False
-
-
 def match_members(everyone: Sequence[Member], preds: Sequence[Predictions], classes: list[str], where: str) -> list[Predictions]:
     """One prediction set per member, kept and dropped alike, in ``everyone``'s order: by run
     directory, else by a backbone only one member has. Files of other classes are refused."""
@@ -70,7 +62,7 @@ def match_members(everyone: Sequence[Member], preds: Sequence[Predictions], clas
     matched: dict[int, Predictions] = {}
     for p in preds:
         run = member_run(p) or p.run or None
-        index = next((i for i, m in enumerate(everyone) if _same(run, m.run)), None)
+        index = next((i for i, m in enumerate(everyone) if same_path(run, m.run)), None)
         if index is None and p.backbone and backbones.count(p.backbone) == 1:
             index = backbones.index(p.backbone)
         if index is not None and index not in matched:
@@ -80,28 +72,6 @@ def match_members(everyone: Sequence[Member], preds: Sequence[Predictions], clas
         raise UserInputError(f"{where}: no prediction file for member(s) {', '.join(missing)} among the {len(preds)} given; "
                              "scoring needs every member's predictions, dropped ones included (pass their run directories)")
     return [matched[i] for i in range(len(everyone))]
-
-
-def _predict_runs(ens: Ensemble, everyone: Sequence[Member], data, split, tta, batch_size, device, where, log) -> list[Predictions]:
-    from ensemble.predict import member_run_dir
-    from zoo.rundir import RunDir
-
-    runs = []
-    for m in everyone:  # check every run before any inference
-        run = member_run_dir(m, where)
-        if RunDir(run).read_config().get("classes") != ens.classes:
-            raise UserInputError(f"{RunDir(run).config}: classes differ from {where}'s {ens.classes}; "
-                                 f"member {m.name!r} was trained on other classes than the ensemble")
-        runs.append(run)
-    from finetune.inference import predict_run  # torch is imported here, and only here
-
-    out = []
-    for j, (m, run) in enumerate(zip(everyone, runs)):
-        if log is not None:
-            log(f"predicting {split} of {data} with {m.name} ({m.backbone}, tta={tta})")
-        out.append(predict_run(run, data, split=split, tta=tta, batch_size=batch_size, device=device,
-                               log=log if j == 0 else None))
-    return out
 
 
 def score_ensemble(ensemble: Ensemble | str | os.PathLike, predictions: Sequence[Predictions] | None = None,
@@ -118,10 +88,11 @@ def score_ensemble(ensemble: Ensemble | str | os.PathLike, predictions: Sequence
         raise UserInputError("pass either --data DIR (images) or prediction files of the members, not both or neither")
     everyone = list(ens.members) + list(ens.dropped)
     if data is not None:
-        preds = _predict_runs(ens, everyone, data, split, tta, batch_size, device, where, log)
+        preds = predict_member_runs(everyone, ens.classes, data, split, tta, batch_size, device, where, log)
     else:
         preds = match_members(everyone, predictions, ens.classes, where)
         split = preds[0].split or split
+    mismatches = ens.tta_mismatches([p.tta for p in preds[:len(ens.members)]])
     preds = align_predictions(preds)
     labels = preds[0].labels
     if len(labels) == 0 or (labels < 0).any():
@@ -146,7 +117,7 @@ def score_ensemble(ensemble: Ensemble | str | os.PathLike, predictions: Sequence
                          f"{ens.method}, {kept} members, as fitted"))
     notes = [f"scored on {len(labels)} labelled rows of split {split!r}; these scores are honest only if no weight, "
              "temperature, epoch or setting was chosen on these rows, which only you can guarantee"]
-    return ScoreTable(rows, split, len(labels), best.name, notes)
+    return ScoreTable(rows, split, len(labels), best.name, notes + mismatches)
 
 
 def format_score_table(table: ScoreTable) -> str:

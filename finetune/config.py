@@ -83,6 +83,9 @@ class FinetuneConfig:
     interpolation: str | None = option(None, "resize interpolation (default: the model's)", choices={"bilinear": "", "bicubic": "", "nearest": ""})
     crop_pct: float | None = option(None, "eval center-crop fraction (default: the model's)")
     allow_outside_root: bool = option(False, "allow CSV paths outside the CSV's folder")
+    cache: str | None = option(None, "decoded-image cache: 'ram' (this process: the folds of --folds share it) or a folder "
+                                     "(memory-mapped, shared by every run that names it); each image is decoded and resized "
+                                     "once, augmentations still run every epoch; the batches are the same as without it")
     workers: int | None = option(None, "data-loading processes (default: from the CPU budget: the cores no other process keeps "
                                        "busy; 0 on the CPU with 1-2 of them, up to 8 on a GPU)")
     threads: int | None = option(None, "torch CPU threads (default: OMP_NUM_THREADS where set, else the cores no other "
@@ -212,6 +215,10 @@ class FinetuneConfig:
                 raise UserInputError(f"--model-kwargs must be a JSON object, got {self.model_kwargs!r} ({e})") from None
             if not isinstance(parsed, dict):
                 raise UserInputError(f"--model-kwargs must be a JSON object, got {self.model_kwargs!r}")
+        if self.weights is not None and not self.pretrained and not self.resume:
+            # create_backbone loads --weights whatever --no-pretrained says: the pair would train from the file.
+            raise UserInputError(f"--no-pretrained and --weights {self.weights} contradict each other: --weights loads that "
+                                 "file as the starting weights; drop --weights for a random start, or --no-pretrained")
         if not self.backbone:
             raise UserInputError("a backbone name is required, e.g. `zoo finetune resnet50 --data DIR --out RUN`")
         return self

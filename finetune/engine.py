@@ -1,11 +1,12 @@
-"""Device, precision, loss, one training epoch and evaluation: the parts of the loop
-that the loop (``finetune.train``), the benchmark and lr-find share."""
+"""The training step and epoch (``Trainer``), its loss, the weight average, and evaluation: the parts of
+the loop that the loop (``finetune.train``), the benchmark and lr-find share.
+
+The device and precision live in ``finetune.hardware`` and the random states in ``finetune.rng``;
+their names are imported here too, where the loop's other users have always found them."""
 
 from __future__ import annotations
 
-import contextlib
 import math
-import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -15,67 +16,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from finetune.hardware import Hardware, keep_cpu_heap, resolve_hardware
+from finetune.rng import get_rng_state, seed_everything, set_rng_state
+
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-@dataclass(frozen=True)
-class Hardware:
-    device: torch.device
-    amp_dtype: torch.dtype | None  # None: full precision
-    channels_last: bool
-
-    @property
-    def needs_scaler(self) -> bool:
-        return self.amp_dtype == torch.float16
-
-    def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
-
-    def describe(self) -> str:
-        precision = {None: "fp32", torch.bfloat16: "bf16 mixed", torch.float16: "fp16 mixed + grad scaler"}[self.amp_dtype]
-        return f"{self.device} ({precision}{', channels-last' if self.channels_last else ''})"
-
-
-def resolve_hardware(device: str | None, amp: bool | None, channels_last: bool | None) -> Hardware:
-    """CUDA when present; there, mixed precision (bf16 where supported) and channels-last by default."""
-    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        from zoo.errors import UserInputError
-
-        raise UserInputError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    on_gpu = dev.type == "cuda"
-    use_amp = on_gpu if amp is None else amp
-    amp_dtype = None
-    if use_amp:
-        amp_dtype = torch.bfloat16 if (not on_gpu or torch.cuda.is_bf16_supported()) else torch.float16
-    return Hardware(dev, amp_dtype, on_gpu if channels_last is None else channels_last)
-
-
-def keep_cpu_heap() -> bool:
-    """glibc malloc: never trim the heap nor serve large blocks with mmap, so that memory a
-    training step frees is reused by the next one rather than returned and faulted in again.
-
-    With glibc's adaptive defaults a CPU training step can take 10^4-10^5 page faults
-    (0.1-0.8 GB zeroed again per step), depending on the process's allocation history;
-    without them CPU time per step fell 2-14% in bench/bench_train.py. The cost: the
-    process keeps its peak memory. Returns False where this is not glibc on Linux.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name or not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4
-    return bool(mallopt(m_trim_threshold, 2 ** 31 - 1)) and bool(mallopt(m_mmap_max, 0))
 
 
 def create_ema(model: torch.nn.Module, decay: float):
@@ -88,22 +34,6 @@ def create_ema(model: torch.nn.Module, decay: float):
     from timm.utils import ModelEmaV3
 
     return ModelEmaV3(model, decay=decay, use_warmup=True)
-
-
-def seed_everything(seed: int, epoch: int = 0, rank: int = 0) -> torch.Generator:
-    """Seed every RNG from (seed, epoch, rank); return the data-order generator of that epoch.
-
-    Each epoch starts from RNG states that depend only on the seed and the epoch, so a
-    run resumed at an epoch boundary continues exactly as an unbroken one. Under
-    torchrun each rank draws its own augmentation and dropout (rank 0 draws what a
-    single process would); the model starts identical on every rank because DDP
-    copies rank 0's weights to the others.
-    """
-    value = (seed * 1_000_003 + epoch + rank * 1_000_000_007) % (2 ** 63)
-    random.seed(value)
-    np.random.seed(value % (2 ** 32))
-    torch.manual_seed(value)
-    return torch.Generator().manual_seed(value)
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, class_weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -172,6 +102,41 @@ class Trainer:
             return self.mixup(images, labels)
         return images, smooth_one_hot(labels, self.num_classes, self.label_smoothing)
 
+    def _backward(self, images, labels, step_batches: int):
+        """Forward one batch and add its share (1/``step_batches``) of the step's gradient, through the grad scaler."""
+        hw = self.hardware
+        images = images.to(hw.device, non_blocking=True)
+        labels = labels.to(hw.device, non_blocking=True)
+        if hw.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        images, targets = self._targets(images, labels)
+        with hw.autocast():
+            logits = self.model(images)
+        loss = soft_cross_entropy(logits, targets, self.class_weights)
+        self.scaler.scale(loss / step_batches).backward()
+        return logits, labels, loss
+
+    def _update(self) -> None:
+        """One optimizer update from the gradients gathered so far: clip, step (scaled), schedule, EMA."""
+        opt = self.optimizer
+        if self.clip_grad is not None:
+            self.scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"] if p.grad is not None], self.clip_grad)
+        self.scaler.step(opt)
+        self.scaler.update()
+        opt.zero_grad(set_to_none=True)
+        self.num_updates += 1
+        if self.scheduler is not None:
+            self.scheduler.step_update(num_updates=self.num_updates)
+        if self.ema is not None:
+            self.ema.update(getattr(self.model, "module", self.model), step=self.num_updates)
+
+    def train_step(self, images, labels) -> float:
+        """One update on one batch, exactly as a step of ``train_epoch`` (lr-find's step); returns its loss."""
+        _, _, loss = self._backward(images, labels, 1)
+        self._update()
+        return loss.item()
+
     def train_epoch(self, batches: Iterable, progress=None, stop_requested: Callable[[], bool] = lambda: False,
                     resume_from: "EpochProgress | None" = None) -> "EpochStats":
         """Train over ``batches``; stop early, at a step boundary, when ``stop_requested()``.
@@ -203,30 +168,12 @@ class Trainer:
             last_of_step = (i + 1) % self.accum_steps == 0 or i + 1 == n_batches
             if ddp is not None:  # all-reduce gradients on a step's last batch only
                 ddp.require_backward_grad_sync = last_of_step
-            images = images.to(hw.device, non_blocking=True)
-            labels = labels.to(hw.device, non_blocking=True)
-            if hw.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            images, targets = self._targets(images, labels)
-            with hw.autocast():
-                logits = model(images)
-            loss = soft_cross_entropy(logits, targets, self.class_weights)
             # The mean over this step's batches: the epoch's last step may gather fewer than accum_steps.
             step_batches = min(self.accum_steps, n_batches - (i // self.accum_steps) * self.accum_steps)
-            self.scaler.scale(loss / step_batches).backward()
+            logits, labels, loss = self._backward(images, labels, step_batches)
             if last_of_step:
-                if self.clip_grad is not None:
-                    self.scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"] if p.grad is not None], self.clip_grad)
-                self.scaler.step(opt)
-                self.scaler.update()
-                opt.zero_grad(set_to_none=True)
-                self.num_updates += 1
+                self._update()
                 updates += 1
-                if self.scheduler is not None:
-                    self.scheduler.step_update(num_updates=self.num_updates)
-                if self.ema is not None:
-                    self.ema.update(getattr(model, "module", model), step=self.num_updates)
             loss_sum += loss.detach().double() * labels.shape[0]
             correct += (logits.detach().argmax(1) == labels).sum()
             bad |= ~torch.isfinite(loss.detach())
@@ -296,27 +243,6 @@ class EpochProgress:
     rng: dict | None = None
 
 
-def get_rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": [np.random.get_state()[0], torch.from_numpy(np.random.get_state()[1].copy())] + list(np.random.get_state()[2:])}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()  # this process's device only (one GPU per rank)
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    python = state["python"]
-    random.setstate((python[0], tuple(python[1]), python[2]))
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    if "cuda" in state and torch.cuda.is_available():
-        if isinstance(state["cuda"], (list, tuple)):  # resume state written before one-GPU-per-rank states
-            torch.cuda.set_rng_state_all(state["cuda"])
-        else:
-            torch.cuda.set_rng_state(state["cuda"])
-
-
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, batches: Iterable, hardware: Hardware,
                    views: tuple[Callable[[torch.Tensor], torch.Tensor], ...] = (lambda x: x,)) -> tuple[np.ndarray, np.ndarray]:
@@ -351,3 +277,8 @@ def log_loss_and_accuracy(logits: np.ndarray, labels: np.ndarray) -> tuple[float
 
 def stderr_log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+__all__ = ["Trainer", "EpochStats", "EpochProgress", "TrainingDiverged", "create_ema", "soft_cross_entropy", "smooth_one_hot",
+           "predict_logits", "log_loss_and_accuracy", "stderr_log", "Hardware", "keep_cpu_heap", "resolve_hardware",
+           "get_rng_state", "seed_everything", "set_rng_state"]

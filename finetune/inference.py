@@ -3,10 +3,12 @@ test-time augmentation, written as a prediction file."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -32,6 +34,9 @@ def _zoom(scale: float) -> Callable[[torch.Tensor], torch.Tensor]:
 def _hflip(x: torch.Tensor) -> torch.Tensor:
     return x.flip(-1)
 
+
+# `zoo predict --split run-val`: the run's own validation images, wherever they came from (val/, or split from train/).
+RUN_VAL = "run-val"
 
 # Test-time augmentation views, in the order --tta N takes them.
 TTA_VIEWS: tuple[tuple[str, Callable], ...] = (
@@ -65,11 +70,40 @@ def load_run(run: str | os.PathLike, device: torch.device | None = None) -> tupl
     return model.to(device or "cpu").eval(), config
 
 
+def _predict(model_run: RunDir, samples, hardware, views, batch_size: int, workers: int) -> tuple[np.ndarray, np.ndarray]:
+    model, model_config = load_run(model_run.root, hardware.device)
+    if hardware.channels_last:
+        model.to(memory_format=torch.channels_last)
+    loader = loaders.eval_loader(samples, loaders.eval_transform(model_config["data_config"]), batch_size=batch_size,
+                                 workers=workers, pin_memory=hardware.device.type == "cuda")
+    return predict_logits(model, loader, hardware, views)
+
+
+def _own_validation(model_runs: list[RunDir], samples, data) -> list[list]:
+    """Each model run's validation images (its splits.json), found among ``samples``."""
+    by_id = {s.id: s for s in samples}
+    parts = []
+    for model_run in model_runs:
+        ids = json.loads(model_run.splits.read_text(encoding="utf-8"))["val"]
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise UserInputError(f"{data}: {len(missing)} of the {len(ids)} validation images of {model_run.root} "
+                                 f"({model_run.splits.name}) are not readable in it, e.g. {missing[0]}; with --split "
+                                 f"{RUN_VAL} pass the --data the run was trained on")
+        parts.append([by_id[i] for i in ids])
+    return parts
+
+
 def predict_run(run: str | os.PathLike, data: str | os.PathLike, split: str = "test", tta: int = 1,
                 batch_size: int = 64, device: str | None = None, workers: int | None = None,
                 log: Callable[[str], None] | None = None, allow_outside_root: bool = False,
                 threads: int | None = None) -> Predictions:
     """Predict ``split`` of ``data`` (or every image, ``split='all'``) with a run's best model.
+
+    ``split='run-val'`` predicts the run's own validation images (``splits.json``; a
+    cross-fit: each fold model its held-out fold, the out-of-fold rows), so that an
+    ensemble's temperatures can be fitted on predictions made with the same ``tta``
+    as the ones they will be applied to.
 
     A cross-fitted run (``zoo finetune --folds K``) predicts with each of its K fold
     models (each with its ``tta`` views first) and averages their probabilities.
@@ -84,7 +118,9 @@ def predict_run(run: str | os.PathLike, data: str | os.PathLike, split: str = "t
     run_dir = RunDir(run)
     config = run_dir.read_config()
     model_runs = run_dir.fold_runs() or [run_dir]
-    root, samples = read_prediction_images(data, config["classes"], split, allow_outside_root=allow_outside_root)
+    own_val = split == RUN_VAL
+    root, samples = read_prediction_images(data, config["classes"], "all" if own_val else split,
+                                           allow_outside_root=allow_outside_root)
     good, bad = check_images(samples, workers=budget.share)
     if bad and log is not None:
         shown = "".join(f"\n  {sample_id}: {why}" for sample_id, why in bad[:20])
@@ -92,18 +128,19 @@ def predict_run(run: str | os.PathLike, data: str | os.PathLike, split: str = "t
             + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""))
     if not good:
         raise UserInputError(f"{data}: no readable images to predict")
-    probabilities, logits, labels = None, None, None
-    for model_run in model_runs:
-        model, model_config = load_run(model_run.root, hardware.device)
-        if hardware.channels_last:
-            model.to(memory_format=torch.channels_last)
-        loader = loaders.eval_loader(good, loaders.eval_transform(model_config["data_config"]), batch_size=batch_size,
-                                     workers=budget.workers, pin_memory=hardware.device.type == "cuda")
-        logits, labels = predict_logits(model, loader, hardware, views)
-        if len(model_runs) > 1:
+    if own_val:  # each model predicts the images it picked its epoch on: a cross-fit's fold models give out-of-fold rows
+        parts = _own_validation(model_runs, good, data)
+        outputs = [_predict(r, part, hardware, views, batch_size, budget.workers) for r, part in zip(model_runs, parts)]
+        logits, labels = (np.concatenate([o[i] for o in outputs]) for i in (0, 1))
+        good = [s for part in parts for s in part]
+        split = "oof" if len(model_runs) > 1 else "val"
+    else:  # every model predicts every image; a cross-fit averages its fold models' probabilities
+        probabilities = None
+        for model_run in model_runs:
+            logits, labels = _predict(model_run, good, hardware, views, batch_size, budget.workers)
             p = torch.softmax(torch.from_numpy(logits).double(), dim=1)
             probabilities = p if probabilities is None else probabilities + p
-    if len(model_runs) > 1:  # the fold models' mean probability
-        logits = torch.log((probabilities / len(model_runs)).clamp_min(1e-30)).float().numpy()
+        if len(model_runs) > 1:
+            logits = torch.log((probabilities / len(model_runs)).clamp_min(1e-30)).float().numpy()
     return Predictions(logits=logits, labels=labels, ids=[s.id for s in good], classes=config["classes"],
                        backbone=config["backbone"], run=str(Path(run).resolve()), split=split, tta=tta)

@@ -17,7 +17,7 @@ import numpy as np
 
 from finetune import loaders
 from finetune.config import FinetuneConfig
-from finetune.engine import resolve_hardware, seed_everything, smooth_one_hot, soft_cross_entropy, stderr_log
+from finetune.engine import Trainer, resolve_hardware, seed_everything, stderr_log
 from finetune.freeze import set_train_mode
 from finetune.optim import prepare_training
 from zoo import atomic
@@ -71,6 +71,7 @@ def lr_find(cfg: FinetuneConfig, *, start_lr: float = 1e-7, end_lr: float = 10.0
             plot: str | Path | None = None, log=stderr_log) -> LrFindResult:
     if not 0 < start_lr < end_lr:
         raise UserInputError(f"--start-lr must be positive and below --end-lr, got {start_lr} and {end_lr}")
+    cfg.validate()
     hardware = resolve_hardware(cfg.device, cfg.amp, cfg.channels_last)
     budget = cpu_budget(cfg.threads, cfg.workers, hardware.device.type)
     apply_budget(budget)
@@ -84,13 +85,20 @@ def lr_find(cfg: FinetuneConfig, *, start_lr: float = 1e-7, end_lr: float = 10.0
     model = create_backbone(cfg.backbone, len(dataset.classes), pretrained=cfg.pretrained, weights=cfg.weights,
                             **cfg.create_kwargs())
     setup = prepare_training(model, cfg, hardware, cfg.lr)
-    frozen_norms, optimizer = setup.frozen_norms, setup.optimizer
+    for warning in setup.warnings:
+        log(f"warning: {warning}")
+    optimizer = setup.optimizer
     dcfg = data_config(model, cfg.data_overrides())
     transform = loaders.train_transform(dcfg, auto_augment=cfg.auto_augment, crop_scale=cfg.crop_scale, hflip=cfg.hflip)
     loader = loaders.train_loader(train, transform, batch_size=cfg.batch_size, workers=budget.workers,
                                   generator=generator, num_classes=len(dataset.classes), balanced=False, drop_last=True,
                                   pin_memory=hardware.device.type == "cuda")
-    set_train_mode(model, frozen_norms)
+    # The training step of `zoo finetune` (grad scaler under fp16, clipping, the same loss); the sweep sets the rates.
+    trainer = Trainer(model, optimizer, None, hardware, len(dataset.classes), label_smoothing=cfg.label_smoothing,
+                      clip_grad=cfg.clip_grad)
+    log(f"lr-find: {cfg.optimizer}, weight decay {cfg.weight_decay:g}, label smoothing {cfg.label_smoothing:g}, batch "
+        f"{cfg.batch_size}, first {setup.frozen} stage group(s) frozen, layer decay {cfg.layer_decay:g}; {hardware.describe()}")
+    set_train_mode(model, setup.frozen_norms)
     lrs, losses, best, avg = [], [], math.inf, 0.0
     ratio = (end_lr / start_lr) ** (1 / max(steps - 1, 1))
     step = 0
@@ -99,14 +107,7 @@ def lr_find(cfg: FinetuneConfig, *, start_lr: float = 1e-7, end_lr: float = 10.0
             lr = start_lr * ratio ** step
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
-            images, labels = images.to(hardware.device), labels.to(hardware.device)
-            with hardware.autocast():
-                logits = model(images)
-            loss = soft_cross_entropy(logits, smooth_one_hot(labels, len(dataset.classes), cfg.label_smoothing))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            value = loss.item()
+            value = trainer.train_step(images, labels)
             lrs.append(lr)
             losses.append(value)
             step += 1
@@ -125,12 +126,11 @@ def lr_find(cfg: FinetuneConfig, *, start_lr: float = 1e-7, end_lr: float = 10.0
 
 
 def _plot(path: Path, result: LrFindResult, title: str) -> None:
-    import matplotlib
+    # A Figure without pyplot draws with Agg on its own: no global backend is switched under the caller.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     ax.plot(result.lrs, result.losses, alpha=0.3, label="loss")
     ax.plot(result.lrs, result.smoothed, label="smoothed")
     for name, value, style in (("valley", result.valley, "r"), ("steepest", result.steepest, "g"), ("min/10", result.minimum_over_10, "b")):
@@ -144,4 +144,3 @@ def _plot(path: Path, result: LrFindResult, title: str) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     atomic.write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
-    plt.close(fig)

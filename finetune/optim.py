@@ -109,6 +109,7 @@ class TrainingSetup:
     frozen_norms: list[torch.nn.Module]
     rates: list[GroupRate]
     optimizer: torch.optim.Optimizer
+    warnings: list[str]  # for the caller to log
 
 
 def prepare_training(model: torch.nn.Module, cfg, hardware, lr: float) -> TrainingSetup:
@@ -128,4 +129,8 @@ def prepare_training(model: torch.nn.Module, cfg, hardware, lr: float) -> Traini
     frozen_norms = freeze_stages(model, groups, frozen)
     rates = group_lr_scales(groups, cfg.layer_decay, cfg.backbone_lr_mult)
     optimizer = create_optimizer(model, rates, cfg.optimizer, lr, cfg.weight_decay)
-    return TrainingSetup(groups, frozen, frozen_norms, rates, optimizer)
+    warnings = []
+    if frozen and not cfg.pretrained:
+        warnings.append(f"--freeze {cfg.freeze} with --no-pretrained: the first {frozen} stage group(s) keep their random "
+                        "initial weights for the whole run; use --freeze 0 to train a randomly initialised model")
+    return TrainingSetup(groups, frozen, frozen_norms, rates, optimizer, warnings)

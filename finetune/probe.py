@@ -276,7 +276,7 @@ def write_probe_run(run: RunDir, config: dict, model, splits: dict[str, list[Sam
                     skipped: list[tuple[str, str]], extra_predictions: dict[str, tuple[list[Sample], np.ndarray]] | None = None
                     ) -> dict[str, float]:
     """Write one probe run directory (config, weights, splits, predictions, report, result); returns its val scores."""
-    from finetune.train import save_weights  # the one writer of model.safetensors
+    from finetune.checkpoints import save_weights  # the one writer of model.safetensors
 
     run.root.mkdir(parents=True, exist_ok=True)
     atomic.write_json(run.config, config)

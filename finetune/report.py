@@ -28,13 +28,12 @@ def write_metrics(path: Path, rows: Sequence[dict]) -> None:
 
 
 def plot_metrics(path: Path, rows: Sequence[dict], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure without pyplot draws with Agg on its own: no global backend is switched under the caller.
+    from matplotlib.figure import Figure
 
     epochs = [r["epoch"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig = Figure(figsize=(13, 3.6))
+    axes = fig.subplots(1, 3)
     axes[0].plot(epochs, [r["train_loss"] for r in rows], "o-", label="train")
     axes[0].plot(epochs, [r["val_loss"] for r in rows], "o-", label="val")
     axes[0].set_title("loss")
@@ -53,7 +52,6 @@ def plot_metrics(path: Path, rows: Sequence[dict], title: str) -> None:
     fig.suptitle(title)
     fig.tight_layout()
     atomic.write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
-    plt.close(fig)
 
 
 def best_epoch_report(preds: Predictions, worst: int = 10) -> dict:

@@ -12,32 +12,29 @@ keeps the files of the last good epoch.
 from __future__ import annotations
 
 import json
-import platform
 import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
 
-import zoo
-from finetune import distributed, loaders
+from finetune import checkpoints, distributed, loaders
 from finetune.config import FinetuneConfig
 from finetune.distributed import Dist
 from finetune.engine import (EpochProgress, Hardware, Trainer, TrainingDiverged, create_ema, keep_cpu_heap, log_loss_and_accuracy,
                              predict_logits, resolve_hardware, seed_everything, stderr_log)
 from finetune.freeze import count_parameters, freeze_stages, frozen_group_count, set_train_mode
 from finetune.optim import create_schedule, current_rates, prepare_training
-from finetune.report import format_report, plot_metrics, write_best_epoch_report, write_metrics
+from finetune.report import format_report, plot_metrics, write_metrics
+from finetune.run_config import run_config
 from zoo import atomic
-from zoo.backbones import create_backbone, data_config, state_dict_hash, unreadable_reason
+from zoo.backbones import create_backbone, data_config, state_dict_hash
 from zoo.cpu import CpuBudget, apply_budget, cpu_budget
-from zoo.data import CLASS_ORDER, Dataset, check_images, read_dataset, read_listing
+from zoo.data import Dataset, check_images, read_dataset, read_listing
 from zoo.errors import UserInputError
 from zoo.folds import fold_dataset
-from zoo.predictions import Predictions, write_predictions
 from zoo.rundir import RunDir
 
 
@@ -84,7 +81,9 @@ class StopFlag:
     def signum(self) -> int:
         return int(signal.Signals[self.signal_name]) if self.signal_name else 0
 
-    def install(self):
+    def install(self, log=None):
+        """Handle SIGINT/SIGTERM; off the main thread Python allows no handler, so say once that a stop
+        will not save resume state (``log``)."""
         previous = {}
 
         def handler(signum, frame):
@@ -96,7 +95,10 @@ class StopFlag:
             try:
                 previous[sig] = signal.signal(sig, handler)
             except ValueError:  # not the main thread
-                pass
+                if log is not None:
+                    log("note: finetune runs outside the main thread, where no signal handler can be installed: Ctrl-C or "
+                        "SIGTERM will stop it without saving resume state (last.pt is still written after each epoch)")
+                break
         return previous
 
     @staticmethod
@@ -118,7 +120,7 @@ def _read_data(cfg: FinetuneConfig, log, dist: Dist, budget: CpuBudget) -> Datas
     skipped = []
     for split in list(dataset.splits):
         samples = dataset.splits[split]
-        _, bad = check_images(samples[dist.rank::dist.world_size], workers=budget.share)
+        _, bad = loaders.check_images(cfg, dataset.root, samples[dist.rank::dist.world_size], workers=budget.share)
         why = dict(b for part in dist.gather(bad) for b in part)
         dataset.splits[split] = [s for s in samples if s.id not in why]
         skipped += [(split, s.id, why[s.id]) for s in samples if s.id in why]
@@ -141,13 +143,6 @@ def _rate_table(model, groups, frozen: int, rates, lr: float) -> str:
         rows.append((str(g.index), g.name, f"{count_parameters(model, g.param_names):,}", state, f"{lr * r.lr_scale:.3g}"))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     return "\n".join("  " + "  ".join(c.ljust(w) if i in (1, 3) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows)
-
-
-def save_weights(path: Path, model: torch.nn.Module, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    atomic.write_with(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
 
 
 def _progress_bar(epoch: int, epochs: int, enabled: bool):
@@ -209,13 +204,7 @@ def _start_or_resume(cfg: FinetuneConfig, run: RunDir) -> tuple[FinetuneConfig, 
         if not run.resume_state.is_file():
             raise UserInputError(f"{run.resume_state}: nothing to resume (no resume state: the run in {run.root} stopped "
                                  "before its first save, or --out names another folder); start it again without --resume")
-        try:
-            state = torch.load(run.resume_state, map_location="cpu", weights_only=True)
-        except Exception as e:  # a truncated, foreign or pickled-object file: torch raises many types
-            raise UserInputError(f"{run.resume_state}: cannot be read as zoo resume state ({unreadable_reason(e)}); it is "
-                                 "loaded with weights_only=True, never unpickling objects; start a new run") from None
-        if not isinstance(state, dict) or not {"model", "optimizer", "epoch"} <= set(state):
-            raise UserInputError(f"{run.resume_state}: not zoo resume state (no model, optimizer and epoch); start a new run")
+        state = checkpoints.load_resume_state(run)
         saved = FinetuneConfig.from_dict(run.read_config()["options"])
         saved.resume = True
         return saved, state, None
@@ -272,6 +261,8 @@ def _train(cfg: FinetuneConfig, run: RunDir, resume_state: dict | None, dist: Di
     # Frozen stages, differential learning rates, optimizer, schedule.
     setup = prepare_training(model, cfg, hardware, lr)
     groups, frozen, frozen_norms, rates, optimizer = setup.groups, setup.frozen, setup.frozen_norms, setup.rates, setup.optimizer
+    for warning in setup.warnings:
+        log(f"warning: {warning}")
     workers = budget.workers
     pin = hardware.device.type == "cuda"
     mixup = None
@@ -281,18 +272,21 @@ def _train(cfg: FinetuneConfig, run: RunDir, resume_state: dict | None, dist: Di
         mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing, num_classes=num_classes)
     train_tf = loaders.train_transform(dcfg, auto_augment=cfg.auto_augment, crop_scale=cfg.crop_scale, hflip=cfg.hflip)
     eval_tf = loaders.eval_transform(dcfg)
+    images = loaders.image_sources(cfg.cache, dataset.root, dcfg, cfg.crop_scale, workers=budget.share)  # --cache
 
     def make_train_loader(generator, epoch):
         return loaders.train_loader(dataset.split("train"), train_tf, batch_size=cfg.batch_size, workers=workers,
                                     generator=generator, num_classes=num_classes, balanced=cfg.balance == "sampler",
                                     drop_last=mixup is not None, pin_memory=pin,
-                                    shard=(dist.rank, world) if dist.enabled else None, seed=cfg.seed, epoch=epoch)
+                                    shard=(dist.rank, world) if dist.enabled else None, seed=cfg.seed, epoch=epoch,
+                                    images=images.train(dataset.split("train")))
 
     # Validation is split across ranks (rank r takes samples r, r+W, ...) and gathered, so every rank
     # sees the same scores and takes the same best-epoch and early-stopping decisions.
     val_samples = dataset.split("val")
     val_shard = val_samples[dist.rank::world]
-    val_loader = loaders.eval_loader(val_shard, eval_tf, batch_size=cfg.batch_size * 2, workers=workers, pin_memory=pin)
+    val_loader = loaders.eval_loader(val_shard, eval_tf, batch_size=cfg.batch_size * 2, workers=workers, pin_memory=pin,
+                                     images=images.eval(val_shard))
     updates_per_epoch = -(-len(make_train_loader(torch.Generator(), 0)) // cfg.accum_steps)
     scheduler = create_schedule(optimizer, cfg.schedule, lr=lr, epochs=cfg.epochs, updates_per_epoch=updates_per_epoch,
                                 warmup_epochs=cfg.warmup_epochs, min_lr_ratio=cfg.min_lr_ratio, restarts=cfg.restarts)
@@ -307,12 +301,7 @@ def _train(cfg: FinetuneConfig, run: RunDir, resume_state: dict | None, dist: Di
     best = {"epoch": -1, "val_loss": float("inf"), "val_accuracy": -1.0}
     start_epoch, bad_epochs, partial, last_saved = 0, 0, None, None
     if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        trainer.scaler.load_state_dict(resume_state["scaler"])
-        if ema is not None:
-            ema.module.load_state_dict(resume_state["ema"])
-        trainer.num_updates = resume_state["num_updates"]
+        checkpoints.restore(resume_state, model, optimizer, trainer, ema)
         start_epoch, bad_epochs = resume_state["epoch"], resume_state["bad_epochs"]
         history, best = list(resume_state["history"]), dict(resume_state["best"])
         partial = _partial_for_this_rank(resume_state, dist, log)
@@ -320,21 +309,9 @@ def _train(cfg: FinetuneConfig, run: RunDir, resume_state: dict | None, dist: Di
         log(f"resuming {run.root} at epoch {start_epoch + 1}" + (f", batch {partial.batches + 1}" if partial else ""))
     elif dist.is_main:
         run.root.mkdir(parents=True, exist_ok=True)
-        atomic.write_json(run.config, {
-            "backbone": cfg.backbone, "classes": classes, "class_order": CLASS_ORDER, "num_classes": num_classes,
-            "data_config": dcfg, "model_kwargs": model_kwargs, "options": cfg.to_dict(),
-            "dataset": {"root": str(dataset.root.resolve()), "kind": dataset.kind, "val_source": dataset.val_source,
-                        "counts": {s: len(v) for s, v in dataset.splits.items()}, "train_class_counts": train_counts,
-                        "skipped": len(dataset.skipped)},
-            "stage_groups": [{"index": g.index, "name": g.name, "params": count_parameters(model, g.param_names),
-                              "lr_scale": r.lr_scale, "head": g.is_head} for g, r in zip(groups, rates)],
-            "start_weights_sha256": start_hash, "weights_source": cfg.weights or ("hub" if cfg.pretrained else "random"),
-            "hardware": hardware.describe(), "world_size": world, "effective_batch_size": effective_batch, "lr": lr,
-            "distributed": {"world_size": world, "backend": dist.backend or None, "sync_bn": bool(cfg.sync_bn and dist.enabled)},
-            "updates_per_epoch": updates_per_epoch, "cpu_budget": budget.to_dict(),
-            "versions": {"zoo": zoo.__version__, "torch": torch.__version__, "timm": timm.__version__,
-                         "python": platform.python_version()},
-        })
+        atomic.write_json(run.config, run_config(cfg, dataset, dcfg, model, groups, rates, start_hash=start_hash,
+                                                 hardware=hardware, dist=dist, lr=lr, updates_per_epoch=updates_per_epoch,
+                                                 budget=budget))
         atomic.write_json(run.splits, {s: [x.id for x in v] for s, v in dataset.splits.items() if s in ("train", "val")})
         if dataset.skipped:
             atomic.write_text(run.skipped_images, "".join(f"{sid}\t{why}\n" for sid, why in dataset.skipped))
@@ -349,13 +326,17 @@ def _train(cfg: FinetuneConfig, run: RunDir, resume_state: dict | None, dist: Di
 
     # The epoch loop.
     stop = StopFlag()
-    previous_handlers = stop.install()
+    previous_handlers = stop.install(log)
     status, epoch, wrapped_for = "finished", start_epoch, None
     eval_model = ema.module if ema is not None else model
     try:
         for epoch in range(start_epoch, cfg.epochs):
             now_frozen = frozen_group_count(cfg.freeze, cfg.unfreeze_at, epoch, len(groups))
             if now_frozen != frozen:
+                # The newly unfrozen group gets no warmup of its own: it trains at once at the scheduled rate for its
+                # depth, the smallest of the trained groups (layer decay), and past --warmup-epochs that rate is
+                # already decaying. A per-group warmup would need each group's unfreeze step in the schedule and in
+                # the resume state; a loss jump after unfreezing calls for a lower --backbone-lr-mult instead.
                 frozen = now_frozen
                 frozen_norms = freeze_stages(model, groups, frozen)
                 log(f"epoch {epoch + 1}: unfreezing; first {frozen} group(s) stay frozen")
@@ -377,7 +358,7 @@ def _train(cfg: FinetuneConfig, run: RunDir, resume_state: dict | None, dist: Di
             if stats.stopped_at is not None:
                 partials = dist.gather_state(vars(stats.stopped_at))
                 if dist.is_main:
-                    _save_resume(run, model, optimizer, trainer, ema, epoch, bad_epochs, history, best, partials, world)
+                    checkpoints.save_resume(run, model, optimizer, trainer, ema, epoch, bad_epochs, history, best, partials, world)
                 _interrupted(run, best, history, dist, stop, log, f"at epoch {epoch + 1}, batch {stats.stopped_at.batches}")
             train = _reduce_epoch(stats, dist)
             dist.broadcast_buffers(model)
@@ -398,15 +379,15 @@ def _train(cfg: FinetuneConfig, run: RunDir, resume_state: dict | None, dist: Di
             if improved:
                 best, bad_epochs = {"epoch": epoch + 1, "val_loss": val_loss, "val_accuracy": val_acc}, 0
                 if dist.is_main:
-                    _save_best(run, cfg, eval_model, classes, dataset, logits, labels, epoch + 1)
+                    checkpoints.save_best(run, cfg, eval_model, classes, dataset, logits, labels, epoch + 1)
             else:
                 bad_epochs += 1
             snapshot = cfg.snapshot_at(epoch + 1)
             if snapshot and dist.is_main:  # before the resume state: a kill in between redoes the epoch and this save
-                _save_snapshot(run, cfg, eval_model, classes, dataset, logits, labels, epoch + 1, snapshot)
+                checkpoints.save_snapshot(run, cfg, eval_model, classes, dataset, logits, labels, epoch + 1, snapshot)
                 log(f"epoch {epoch + 1}: end of cosine cycle {snapshot}/{cfg.restarts + 1}; snapshot -> {run.snapshot(snapshot).root}")
             if dist.is_main:
-                _save_resume(run, model, optimizer, trainer, ema, epoch + 1, bad_epochs, history, best, None, world)
+                checkpoints.save_resume(run, model, optimizer, trainer, ema, epoch + 1, bad_epochs, history, best, None, world)
                 write_metrics(run.metrics_csv, history)
                 plot_metrics(run.metrics_png, history, f"{cfg.backbone} on {Path(cfg.data).name}")
             last_saved = f"after epoch {epoch + 1}"
@@ -505,44 +486,6 @@ def _evaluate(model, loader, shard, hardware, num_classes: int, dist: Dist):
         return logits, labels
     parts = dist.gather((logits, labels))
     return distributed.interleave([p[0] for p in parts]), distributed.interleave([p[1] for p in parts])
-
-
-def _save_best(run: RunDir, cfg: FinetuneConfig, model, classes, dataset: Dataset, logits, labels, epoch: int) -> None:
-    save_weights(run.model, model, {"backbone": cfg.backbone, "classes": json.dumps(classes), "epoch": str(epoch)})
-    preds = Predictions(logits=logits, labels=labels, ids=[s.id for s in dataset.split("val")], classes=classes,
-                        backbone=cfg.backbone, run=str(run.root.resolve()), split="val", tta=1)
-    write_predictions(run.predictions("val"), preds)
-    write_best_epoch_report(run, preds, epoch)
-
-
-def _save_snapshot(run: RunDir, cfg: FinetuneConfig, model, classes, dataset: Dataset, logits, labels, epoch: int,
-                   index: int) -> None:
-    """``RUN/snapshot-<index>``: the model at the end of cosine cycle ``index`` (Huang et al. 2017), an
-    ordinary run directory (config, weights, validation predictions, splits, result) usable as a member."""
-    snap = run.snapshot(index)
-    config = json.loads(run.config.read_text(encoding="utf-8"))
-    config["snapshot"] = {"index": index, "of": cfg.restarts + 1, "epoch": epoch, "run": str(run.root.resolve())}
-    atomic.write_json(snap.config, config)
-    atomic.write_text(snap.splits, run.splits.read_text(encoding="utf-8"))
-    save_weights(snap.model, model, {"backbone": cfg.backbone, "classes": json.dumps(classes), "epoch": str(epoch)})
-    preds = Predictions(logits=logits, labels=labels, ids=[s.id for s in dataset.split("val")], classes=classes,
-                        backbone=cfg.backbone, run=str(snap.root.resolve()), split="val", tta=1)
-    write_predictions(snap.predictions("val"), preds)
-    val_loss, val_acc = log_loss_and_accuracy(logits, labels)
-    atomic.write_json(snap.result, {"status": "snapshot", "best_epoch": epoch, "val_loss": val_loss, "val_accuracy": val_acc,
-                                    "epochs_run": epoch})
-
-
-def _save_resume(run: RunDir, model, optimizer, trainer: Trainer, ema, epoch: int, bad_epochs: int,
-                 history, best, partials: list[dict] | None, world_size: int) -> None:
-    """Write last.pt (rank 0). ``partials``: each rank's progress through an interrupted epoch."""
-    state = {
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": trainer.scaler.state_dict(),
-        "ema": ema.module.state_dict() if ema is not None else None, "epoch": epoch, "num_updates": trainer.num_updates,
-        "bad_epochs": bad_epochs, "history": history, "best": best, "world_size": world_size,
-        "partial": partials[0] if partials else None, "partials": partials,
-    }
-    atomic.write_with(run.resume_state, lambda tmp: torch.save(state, tmp))
 
 
 __all__ = ["finetune", "FinetuneResult", "TrainingInterrupted", "Hardware"]

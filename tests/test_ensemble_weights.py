@@ -277,7 +277,7 @@ def _numeric_gradient(objective, point, step=1e-5):
 
 
 def test_analytic_gradients_match_finite_differences():
-    from ensemble.weights import _Problem
+    from ensemble.searches._base import _Problem
 
     log_probs, y = _stack(synthetic_members(4, 300, 5, signal=[1, 2, 3, 1.5], shared=0.4, scale=[0.5, 1, 3, 2], seed=1))
     problem = _Problem(log_probs, y, "log_loss", "arithmetic")

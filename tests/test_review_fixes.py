@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -129,3 +130,182 @@ def test_zoo_predict_writes_what_the_suffix_says(tmp_path):
     bad = tmp_path / "preds.txt"
     result = CliRunner().invoke(main, ["predict", str(tmp_path / "run"), "--data", str(data), "--out", str(bad)])
     assert result.exit_code == 1 and "output must end in .safetensors or .csv" in result.output and not bad.exists()
+
+
+# ---------------------------------------------------------------------------- second round of issue 11
+
+
+def test_temperatures_fitted_without_tta_are_flagged_when_applied_to_tta_predictions(tmp_path):
+    # Item 3: member and final temperatures were fitted on single-view validation predictions and then
+    # applied, without a word, to --tta N predictions (averaged views are softer).
+    import numpy as np
+
+    from ensemble.file import read_ensemble, write_ensemble
+    from ensemble.fit import fit_ensemble
+    from ensemble.predict import predict_ensemble
+    from zoo.predictions import Predictions
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 60)
+
+    def member(name, tta, noise):
+        logits = 3 * np.eye(3)[labels] + noise * rng.normal(size=(60, 3))
+        return Predictions(logits=logits.astype(np.float32), labels=labels, ids=[f"i{k}" for k in range(60)],
+                           classes=["a", "b", "c"], backbone=name, run=str(tmp_path / name), split="val", tta=tta)
+
+    fitted = fit_ensemble([member("m1", 1, 1.0), member("m2", 1, 2.0)], cv=0)
+    write_ensemble(tmp_path / "ens.json", fitted)
+    ens = read_ensemble(tmp_path / "ens.json")
+    assert [m.tta for m in ens.members] == [1] * len(ens.members) and ens.calibrated
+    said = []
+    predict_ensemble(ens, predictions=[member(m.name, 2, 1.0) for m in ens.members], log=said.append)
+    assert any("fitted on predictions with tta=1 and are applied to tta=2" in s and "--split run-val --tta 2" in s
+               for s in said), said
+    said.clear()
+    predict_ensemble(ens, predictions=[member(m.name, 1, 1.0) for m in ens.members], log=said.append)
+    assert not any("tta" in s for s in said), said
+
+
+def test_zoo_predict_reaches_the_runs_own_validation_split_taken_from_train(tmp_path):
+    # Item 3: with validation split from train/, `--split val` cannot reach those images, so TTA
+    # predictions to fit temperatures on could not be made.
+    import json
+
+    from click.testing import CliRunner
+
+    from finetune.train import finetune
+    from tests.conftest import make_image_folder, tiny_config
+    from zoo.cli import main
+    from zoo.predictions import read_predictions
+
+    data = make_image_folder(tmp_path / "data", per_class=(6, 0, 2))
+    finetune(tiny_config(data, tmp_path / "run", epochs=1), log=lambda m: None)
+    out = tmp_path / "val_tta2.safetensors"
+    result = CliRunner().invoke(main, ["predict", str(tmp_path / "run"), "--data", str(data), "--split", "run-val",
+                                       "--tta", "2", "--out", str(out), "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    preds = read_predictions(out)
+    val_ids = json.loads((tmp_path / "run" / "splits.json").read_text())["val"]
+    assert sorted(preds.ids) == sorted(val_ids) and all(i.startswith("train/") for i in preds.ids)
+    assert (preds.split, preds.tta) == ("val", 2) and (preds.labels >= 0).all()
+    single = read_predictions(tmp_path / "run" / "predictions" / "val.safetensors")
+    assert single.tta == 1 and not np.allclose(single.logits, preds.logits[[preds.ids.index(i) for i in single.ids]])
+
+
+def test_no_pretrained_with_weights_is_refused():
+    # Item 4: --no-pretrained was silently ignored when --weights was given.
+    from finetune.config import FinetuneConfig
+    from zoo.errors import UserInputError
+
+    with pytest.raises(UserInputError, match="--no-pretrained and --weights w.pth contradict each other"):
+        FinetuneConfig(backbone="resnet18", data="d", out="o", weights="w.pth", pretrained=False).validate()
+    FinetuneConfig(backbone="resnet18", data="d", out="o", weights="w.pth").validate()
+
+
+def test_freezing_a_randomly_initialised_model_is_warned_about():
+    # Item 4: --freeze on a random init froze random weights without a word.
+    import timm
+
+    from finetune.config import FinetuneConfig
+    from finetune.optim import prepare_training
+
+    hardware = resolve_hardware("cpu", False, False)
+
+    def warnings(**options):
+        cfg = FinetuneConfig(backbone="test_resnet", **options)
+        model = timm.create_model("test_resnet", pretrained=False, num_classes=3)
+        return prepare_training(model, cfg, hardware, 1e-3).warnings
+
+    said = warnings(pretrained=False, freeze=2)
+    assert len(said) == 1 and "--freeze 2 with --no-pretrained" in said[0] and "--freeze 0" in said[0]
+    assert warnings(pretrained=False, freeze=0) == [] and warnings(pretrained=True, freeze=2) == []
+
+
+def test_lr_find_takes_finetunes_training_step_and_says_its_settings(tmp_path, monkeypatch):
+    # Item 5: lr-find had its own step, without the grad scaler (fp16 ran unscaled), and applied
+    # label smoothing 0.1 and weight decay 0.05 without saying so.
+    from finetune.config import FinetuneConfig
+    from finetune.lr_find import lr_find
+    from tests.conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "data", per_class=(6, 2, 0))
+    scaled_steps = []
+    original = torch.amp.GradScaler.step
+    monkeypatch.setattr(torch.amp.GradScaler, "step", lambda self, opt, *a, **k: (scaled_steps.append(1), original(self, opt, *a, **k))[1])
+    said = []
+    cfg = FinetuneConfig(backbone="test_resnet", data=str(data), pretrained=False, freeze=0, batch_size=4, input_size=32,
+                         workers=0, threads=1, auto_augment="none")
+    result = lr_find(cfg, steps=6, end_lr=1e-2, log=said.append)
+    assert len(scaled_steps) == len(result.lrs) == 6
+    assert any("weight decay 0.05" in s and "label smoothing 0.1" in s for s in said), said
+
+
+def test_a_stop_flag_installed_off_the_main_thread_says_ctrl_c_will_not_save(tmp_path):
+    # Item 10: off the main thread the signal handlers could not be installed and nothing said so.
+    import threading
+
+    from finetune.train import StopFlag
+
+    said = []
+    thread = threading.Thread(target=lambda: said.append(StopFlag().install(said.append)))
+    thread.start()
+    thread.join()
+    notes = [s for s in said if isinstance(s, str)]
+    assert len(notes) == 1 and "Ctrl-C" in notes[0] and "without saving resume state" in notes[0]
+    assert said[-1] == {}  # nothing installed, nothing to restore
+
+
+def test_image_checks_split_the_cores_over_torchruns_local_processes(monkeypatch, tmp_path):
+    # Item 12: every torchrun process decoded with min(8, cpus) threads of its own.
+    import zoo.data
+    from zoo.cpu import cpu_budget, MachineLoad
+
+    seen = []
+    real = zoo.data.ThreadPoolExecutor
+    monkeypatch.setattr(zoo.data, "ThreadPoolExecutor", lambda max_workers: (seen.append(max_workers), real(max_workers))[1])
+    monkeypatch.setattr(zoo.data.os, "cpu_count", lambda: 16)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    zoo.data.check_images([])
+    assert seen == [4]
+    # Loader workers on a GPU: each of 4 local processes takes its share of 16 free cores, not min(8, 16).
+    budget = cpu_budget(device_type="cuda", measure=lambda: MachineLoad(cores=16, busy=0, starting=0),
+                        environ={"LOCAL_WORLD_SIZE": "4", "WORLD_SIZE": "8"})
+    assert budget.share == 4 and budget.workers == 3 and 4 * (budget.workers + budget.threads) <= 16
+
+
+def test_plots_leave_the_callers_matplotlib_backend_alone(tmp_path):
+    # Structure: matplotlib.use("Agg") inside library functions switched the caller's backend.
+    import matplotlib
+
+    from finetune.report import plot_metrics
+
+    before = matplotlib.get_backend()
+    try:
+        matplotlib.use("svg")
+        rows = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.2 / e, "train_accuracy": 0.5, "val_accuracy": 0.4,
+                 "lr/head": 1e-3} for e in (1, 2)]
+        plot_metrics(tmp_path / "m.png", rows, "t")
+        assert matplotlib.get_backend() == "svg"
+        assert (tmp_path / "m.png").read_bytes().startswith(b"\x89PNG")
+    finally:
+        matplotlib.use(before)
+
+
+def test_the_core_package_imports_neither_finetune_nor_ensemble():
+    # Structure: zoo/demo.py sat in the core package and imported both. Every import statement counts,
+    # including those inside functions.
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "zoo"
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        if "cli" in path.relative_to(root).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.relative_to(root.parent)}:{node.lineno} imports {n}" for n in names
+                          if n.split(".")[0] in ("finetune", "ensemble")]
+    assert not offenders, offenders
+    assert (root / "cpu.py").is_file() and (root / "data.py").is_file()  # the walk saw the core modules

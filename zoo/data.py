@@ -113,7 +113,10 @@ def check_image(path: Path) -> str | None:
 def check_images(samples: Sequence[Sample], workers: int | None = None,
                  progress: Callable[[int, int], None] | None = None) -> tuple[list[Sample], list[tuple[str, str]]]:
     """Decode every image once, before training; return the good ones and (id, why) for the rest."""
-    workers = workers or min(8, os.cpu_count() or 1)
+    if not workers:  # callers pass their CPU budget's share; this default splits the cores over torchrun's local processes too
+        from zoo.cpu import processes_on_this_machine
+
+        workers = max(1, min(8, (os.cpu_count() or 1) // processes_on_this_machine()))
     good, bad = [], []
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for i, (sample, why) in enumerate(zip(samples, pool.map(lambda s: check_image(s.path), samples))):
@@ -378,15 +381,21 @@ def _safe_id(path: Path, root: Path) -> str:
 
 
 class ImageDataset:
-    """A torch-style map dataset over ``samples``: returns (image tensor, label, index)."""
+    """A torch-style map dataset over ``samples``: returns (image tensor, label, index).
 
-    def __init__(self, samples: Sequence[Sample], transform: Callable):
+    ``images(index)`` gives sample ``index``'s RGB image (``zoo.cache``: size-capped, or from a
+    decoded-image cache); by default the file is decoded as it is.
+    """
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable, images: Callable[[int], object] | None = None):
         self.samples = list(samples)
         self.transform = transform
+        self.images = images
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int):
         sample = self.samples[index]
-        return self.transform(load_rgb(sample.path)), sample.label, index
+        image = self.images(index) if self.images is not None else load_rgb(sample.path)
+        return self.transform(image), sample.label, index

@@ -135,16 +135,29 @@ def fit_command(sources, out, method, metric, combine, calibrate, cv, seed, spli
     _err(f"wrote {out}")
 
 
+def _member_sources(data_help: str, split_help: str):
+    """The options of commands that take members' predictions from images (--data) or from files."""
+    options = [
+        click.option("--data", type=click.Path(), default=None, help=data_help),
+        click.option("--split", default="test", show_default=True, help=split_help),
+        click.option("--tta", type=click.IntRange(min=1), default=1, show_default=True, help="With --data: test-time augmentation views."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="With --data."),
+        click.option("--device", default=None, help="With --data: cpu, cuda, cuda:1 ... (default: the best available)."),
+    ]
+
+    def decorate(func):
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
 @ensemble_group.command("predict")
 @click.argument("ensemble_file", type=click.Path(dir_okay=False), metavar="ENSEMBLE_JSON")
 @click.argument("sources", nargs=-1, metavar="[RUN_OR_PREDFILE...]")
-@click.option("--data", type=click.Path(), default=None,
-              help="Dataset (image folder or CSV) to run every member's checkpoint on.")
-@click.option("--split", default="test", show_default=True,
-              help="With --data: the split to predict ('all' for every image); with runs: which predictions to read.")
-@click.option("--tta", type=click.IntRange(min=1), default=1, show_default=True, help="With --data: test-time augmentation views.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="With --data.")
-@click.option("--device", default=None, help="With --data: cpu, cuda, cuda:1 ... (default: the best available).")
+@_member_sources("Dataset (image folder or CSV) to run every member's checkpoint on.",
+                 "With --data: the split to predict ('all' for every image); with runs: which predictions to read.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="OUT.safetensors (a prediction file) or OUT.csv (id,prediction,<probability per class>).")
 def predict_command(ensemble_file, sources, data, split, tta, batch_size, device, out):
@@ -182,13 +195,8 @@ def predict_command(ensemble_file, sources, data, split, tta, batch_size, device
 @ensemble_group.command("score")
 @click.argument("ensemble_file", type=click.Path(dir_okay=False), metavar="ENSEMBLE_JSON")
 @click.argument("sources", nargs=-1, metavar="[RUN_OR_PREDFILE...]")
-@click.option("--data", type=click.Path(), default=None,
-              help="Dataset (image folder or CSV) to run every member's checkpoint on, dropped members too.")
-@click.option("--split", default="test", show_default=True,
-              help="The labelled holdout: with --data the split to predict; with runs, which predictions to read.")
-@click.option("--tta", type=click.IntRange(min=1), default=1, show_default=True, help="With --data: test-time augmentation views.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="With --data.")
-@click.option("--device", default=None, help="With --data: cpu, cuda, cuda:1 ... (default: the best available).")
+@_member_sources("Dataset (image folder or CSV) to run every member's checkpoint on, dropped members too.",
+                 "The labelled holdout: with --data the split to predict; with runs, which predictions to read.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also save the table: FILE.csv or FILE.json.")
 def score_command(ensemble_file, sources, data, split, tta, batch_size, device, out):
     """Score an ensemble, each member and equal weights on a labelled holdout.

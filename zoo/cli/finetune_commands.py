@@ -101,8 +101,9 @@ def finetune_command(**options):
 @click.command("predict")
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
 @click.option("--data", required=True, type=click.Path(exists=True), help="dataset folder, CSV, or any folder of images")
-@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test", "all"]),
-              help="which split of --data; 'all' predicts every image under it")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test", "all", "run-val"]),
+              help="which split of --data; 'all' predicts every image under it; 'run-val' the run's own validation images "
+                   "(also when split from train/; a cross-fit: out-of-fold), to fit an ensemble on predictions with the same --tta")
 @click.option("--out", required=True, type=click.Path(), help="prediction file (.safetensors) or CSV (.csv) to write")
 @click.option("--tta", default=1, show_default=True, help="test-time augmentation views (1: none; 2: + flip; up to 6 with zooms)")
 @click.option("--batch-size", default=64, show_default=True)
@@ -140,6 +141,8 @@ def predict_command(run, data, split, out, tta, batch_size, device, allow_outsid
 @click.option("--batch-size", default=FinetuneConfig.batch_size, show_default=True)
 @click.option("--input-size", default=None, type=int)
 @click.option("--optimizer", default=FinetuneConfig.optimizer, type=click.Choice(["adamw", "sgd"]), show_default=True)
+@click.option("--weight-decay", default=FinetuneConfig.weight_decay, show_default=True, help="as in finetune")
+@click.option("--label-smoothing", default=FinetuneConfig.label_smoothing, show_default=True, help="as in finetune")
 @click.option("--workers", default=None, type=int)
 @click.option("--threads", default=None, type=click.IntRange(min=1), help=THREADS_HELP)
 @click.option("--device", default=None)
@@ -170,7 +173,7 @@ def demo_command(out, epochs, threads):
     and scores everything on the untouched test split. Writes the runs, the ensemble
     file, the plots and report.md to --out.
     """
-    from zoo.demo import run_demo
+    from zoo.cli.demo import run_demo
 
     result = run_demo(out, epochs=epochs, threads=threads, log=lambda m: click.echo(m, err=True))
     click.echo(result.summary)
