@@ -7,6 +7,11 @@ epoch (``finetune.distributed``) and only rank 0 writes files. SIGINT or SIGTERM
 at the next step boundary, saves resume state and exits with 130 or 143; ``--resume``
 continues exactly. A loss that turns NaN or infinite stops the run with one line and
 keeps the files of the last good epoch.
+
+Over 400 lines on purpose: ``_train`` keeps the run readable top to bottom in one function
+(nanoGPT's layout), and the small helpers beside it (stop flag, resume decision, reductions
+over ranks, the start-up lines) serve only that loop. Checkpoints live in
+``finetune.checkpoints``, config.json in ``finetune.run_config``, the step in ``finetune.engine``.
 """
 
 from __future__ import annotations

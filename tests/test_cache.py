@@ -164,7 +164,7 @@ def test_cached_batches_are_the_same_from_loader_workers(tmp_path):
     outs = []
     for cache in (None, str(tmp_path / "cache"), "ram"):
         sources = loaders.image_sources(cache, root, dcfg, 0.35)
-        loader = loaders.train_loader(train, train_tf, batch_size=4, workers=2, generator=torch.Generator().manual_seed(1),
+        loader = loaders.train_loader(train, train_tf, batch_size=3, workers=2, generator=torch.Generator().manual_seed(1),
                                       num_classes=3, balanced=False, drop_last=False, pin_memory=False,
                                       images=sources.train(train))
         outs.append(torch.cat(_batches(loader)))

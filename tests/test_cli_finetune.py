@@ -16,7 +16,14 @@ def test_finetune_then_predict_with_tta(tmp_path, image_folder):
     run = tmp_path / "run"
     result = runner.invoke(main, ["finetune", "test_convnext", "--data", str(image_folder), "--out", str(run), *TINY, "--freeze", "1"])
     assert result.exit_code == 0, result.output
-    assert "best_epoch=1" in result.output and "peak lr" in result.output and "frozen" in result.output
+    assert "peak lr" in result.output and "frozen" in result.output
+    # The line it prints is the run's best epoch: its val_loss is that of the saved validation predictions.
+    from finetune.engine import log_loss_and_accuracy
+
+    line = next(l for l in result.output.splitlines() if l.startswith(str(run) + "\t"))
+    printed = dict(kv.split("=") for kv in line.split("\t")[1:4])
+    val = read_predictions(run / "predictions" / "val.safetensors")
+    assert float(printed["val_loss"]) == pytest.approx(log_loss_and_accuracy(val.logits, val.labels)[0], abs=1e-4)
     out = tmp_path / "test.safetensors"
     result = runner.invoke(main, ["predict", str(run), "--data", str(image_folder), "--split", "val", "--tta", "2", "--out", str(out)])
     assert result.exit_code == 0, result.output

@@ -176,7 +176,3 @@ def test_prediction_file_with_no_name_collisions(tmp_path):
     assert result.exit_code == 0, result.output
     assert "x/val" in result.output and "y/val" in result.output
 
-
-def test_predictions_constructor_is_what_we_think():
-    p = Predictions(logits=np.zeros((2, 2)), labels=[0, 1], ids=["a", "b"], classes=["x", "y"])
-    assert p.name == ""

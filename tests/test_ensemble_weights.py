@@ -205,7 +205,13 @@ def test_stacking_two_classes_and_a_class_missing_from_the_fit():
 
 
 def test_registry_and_options():
-    assert list(WEIGHT_SEARCHES) == ["slsqp", "greedy", "random", "stacking"]
+    # Every registered method answers to its own name and fits (the CLI's --method choices come from the registry).
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 40)
+    lp = np.log(np.stack([np.full((40, 3), 0.2) + 0.4 * np.eye(3)[y] for _ in range(2)])).astype(np.float32)
+    for name, cls in WEIGHT_SEARCHES.items():
+        assert cls.name == name
+        assert make_search(name).fit(lp, y).predict_log_proba(lp).shape == (40, 3)
     assert search_kwargs("greedy", iterations=10, init="3", bags=None, use_best=False) == {"n_iter": 10, "n_init": 3, "use_best": False}
     assert search_kwargs("greedy", init="auto") == {"n_init": "auto"}
     assert isinstance(make_search("random", seed=4), RandomWeights) and make_search("random", seed=4).seed == 4

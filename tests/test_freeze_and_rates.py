@@ -91,7 +91,8 @@ def test_every_group_rate_is_what_was_asked_at_every_step(schedule, restarts, la
 def test_rates_in_a_real_run_follow_layer_decay(tmp_path, image_folder):
     import csv
 
-    cfg = tiny_config(image_folder, tmp_path / "run", layer_decay=0.5, backbone_lr_mult=0.2, lr=1e-2, epochs=2)
+    # freeze=0: every group trains (a frozen group logs a rate of 0, see test_review_fixes).
+    cfg = tiny_config(image_folder, tmp_path / "run", layer_decay=0.5, backbone_lr_mult=0.2, lr=1e-2, epochs=2, freeze=0)
     finetune(cfg, progress=False, log=lambda m: None)
     rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
     groups = stage_groups(create_backbone("test_resnet", 3, pretrained=False))

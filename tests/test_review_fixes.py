@@ -309,3 +309,43 @@ def test_the_core_package_imports_neither_finetune_nor_ensemble():
                           if n.split(".")[0] in ("finetune", "ensemble")]
     assert not offenders, offenders
     assert (root / "cpu.py").is_file() and (root / "data.py").is_file()  # the walk saw the core modules
+
+
+@pytest.mark.parametrize("option", ["mixup", "cutmix"])
+def test_mixup_and_cutmix_train_on_mixed_images_and_mixed_targets(option, monkeypatch):
+    # The model sees mixed images and the loss mixed targets (two classes per row), not the batch as drawn.
+    from timm.data import Mixup
+
+    import finetune.engine
+
+    torch.manual_seed(0)
+    seen = {}
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3))
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda x: (seen.setdefault("images", x.clone()), forward(x))[1])
+    loss = finetune.engine.soft_cross_entropy
+    monkeypatch.setattr(finetune.engine, "soft_cross_entropy", lambda logits, targets, w=None: (seen.setdefault("targets", targets), loss(logits, targets, w))[1])
+    mixup = Mixup(**{f"{option}_alpha": 1.0}, label_smoothing=0.0, num_classes=3)
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), None, resolve_hardware("cpu", False, False),
+                      num_classes=3, mixup=mixup)
+    images, labels = torch.rand(8, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    trainer.train_epoch([(images.clone(), labels, torch.arange(8))])
+    assert not torch.equal(seen["images"], images)
+    mixed_rows = ((seen["targets"] > 0.01).sum(1) == 2).sum()
+    assert mixed_rows > 0 and torch.allclose(seen["targets"].sum(1), torch.ones(8))
+
+
+def test_an_ema_run_saves_the_average_not_the_raw_weights(tmp_path):
+    # --ema evaluates and saves the exponential moving average; model.safetensors must hold it.
+    from safetensors.torch import load_file
+
+    from finetune.train import finetune
+    from tests.conftest import make_image_folder, tiny_config
+
+    data = make_image_folder(tmp_path / "data", per_class=(6, 2, 0))
+    finetune(tiny_config(data, tmp_path / "run", epochs=1, ema=True, ema_decay=0.9, freeze=0), log=lambda m: None)
+    saved = load_file(tmp_path / "run" / "model.safetensors")
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    floats = [k for k, v in saved.items() if v.is_floating_point()]
+    assert all(torch.equal(saved[k], state["ema"][k]) for k in floats)
+    assert any(not torch.equal(saved[k], state["model"][k]) for k in floats)

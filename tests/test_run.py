@@ -89,15 +89,18 @@ def test_a_second_run_into_the_same_folder_is_refused(tmp_path, image_folder):
     assert (tmp_path / "run" / "model.safetensors").read_bytes() == before
 
 
-def test_early_stopping_keeps_the_best_epoch(tmp_path, image_folder):
-    # lr so large that validation loss gets worse after the first epoch.
-    result = finetune(tiny_config(image_folder, tmp_path / "run", epochs=8, patience=2, lr=3.0, warmup_epochs=0,
-                                  freeze=0, optimizer="sgd"), progress=False, log=quiet)
+def test_early_stopping_keeps_the_best_epoch(tmp_path, image_folder, monkeypatch):
+    # Validation losses scripted per epoch: best at epoch 2, then two epochs without improvement.
+    import finetune.train
+
+    scripted = iter([(1.0, 0.5), (0.5, 0.6), (0.7, 0.6), (0.8, 0.6), (0.1, 0.9), (0.1, 0.9)])
+    monkeypatch.setattr(finetune.train, "log_loss_and_accuracy", lambda logits, labels: next(scripted))
+    result = finetune.train.finetune(tiny_config(image_folder, tmp_path / "run", epochs=6, patience=2), progress=False,
+                                     log=quiet)
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]
-    losses = [float(r.split(",")[3]) for r in rows]
-    assert result.best_epoch == int(np.nanargmin(losses)) + 1
-    if result.stopped == "early-stopped":
-        assert len(rows) == result.best_epoch + 2
+    assert (result.stopped, result.best_epoch, len(rows), result.best_val_loss) == ("early-stopped", 2, 4, 0.5)
+    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert saved["best"]["epoch"] == 2 and json.loads((tmp_path / "run" / "result.json").read_text())["best_epoch"] == 2
 
 
 def test_class_imbalance_loss_weights_and_sampler(tmp_path):
@@ -112,9 +115,18 @@ def test_class_imbalance_loss_weights_and_sampler(tmp_path):
                           num_classes=2, balanced=True, drop_last=False, pin_memory=False)
     drawn = [samples[i].label for i in loader.sampler]
     assert 0.35 < np.mean(drawn) < 0.65  # 10% of the data, about half the draws
+    # Each option changes training: the same seed gives other weights than plain training.
     data = make_image_folder(tmp_path / "data", per_class=(6, 3, 0))
+    for class_dir, keep in (("bee", 2), ("cat", 1)):  # imbalance: 6 ant, 2 bee, 1 cat
+        for extra in sorted((data / "train" / class_dir).iterdir())[keep:]:
+            extra.unlink()
+    trained = {}
+    for balance in ("none", "loss", "sampler"):
+        finetune(tiny_config(data, tmp_path / balance, epochs=1, balance=balance), progress=False, log=quiet)
+        trained[balance] = load_file(tmp_path / balance / "model.safetensors")
+    head = [k for k in trained["none"] if k.endswith("weight")][-1]
     for balance in ("loss", "sampler"):
-        assert finetune(tiny_config(data, tmp_path / balance, epochs=1, balance=balance), progress=False, log=quiet).best_epoch == 1
+        assert not torch.allclose(trained[balance][head], trained["none"][head]), f"--balance {balance} changed nothing"
 
 
 def test_run_config_records_what_reproduces_the_run(tmp_path, image_folder):
