@@ -35,7 +35,7 @@ from zoo.rundir import RunDir
 
 # Options that change where or how fast a run goes, not what it learns: they may differ
 # between the command that started a cross-fit and one that continues it.
-NOT_RESULT_OPTIONS = frozenset({"out", "resume", "fold", "workers", "device", "threads"})
+NOT_RESULT_OPTIONS = frozenset({"out", "resume", "fold", "workers", "device", "threads", "cache"})
 
 
 @dataclass
