@@ -16,6 +16,15 @@ device), it times
   dtype and channels-last, so the ratio compares like with like;
 * on CUDA also plain fp32 (no autocast, no channels-last): what you get without zoo.
 
+``--precisions`` times one row per setting instead, each zoo against the plain loop at
+that same setting (``SETTINGS``): ``fp32``; ``amp`` (bf16 autocast where the device
+supports it, else fp16 with a grad scaler; bf16 autocast on the CPU); ``amp+cl`` (and
+channels-last); ``amp+cl+compile`` (and ``torch.compile`` of both models, compiled during
+the warmup steps). On CUDA each run's peak memory is measured too:
+``torch.cuda.max_memory_allocated`` during the run, less what was allocated when it
+started (both models, their optimizer state and the batches stay resident), i.e. what
+the step itself needs; on the CPU that column is "-".
+
 zoo and plain runs alternate (``--repeats``), each run timed from a device
 synchronisation to the next, and the medians are compared: the ratio zoo/plain must not
 be below 1 on the CPU (within noise). On a shared CPU the wall-clock ratio is noisy; the
@@ -29,6 +38,8 @@ activations per step, by an amount that depends on the process's allocation hist
     python bench/bench_train.py                      # CPU: resnet18, tf_efficientnet_lite0, vit_tiny at 128 px
     python bench/bench_train.py --test-models        # timm's tiny test_* models, seconds
     python bench/bench_train.py --device cuda        # 224 px, bf16 mixed + channels-last
+    python bench/bench_train.py --device cuda --precisions fp32 amp amp+cl amp+cl+compile
+    python bench/bench_train.py --test-models --precisions fp32 amp   # CPU: fp32 and bf16 autocast rows
     python bench/bench_train.py --json results.json
 """
 
@@ -61,6 +72,9 @@ from zoo.cpu import cpu_budget  # noqa: E402
 from zoo.errors import UserInputError  # noqa: E402
 
 DEFAULT_MODELS = ("resnet18", "tf_efficientnet_lite0", "vit_tiny_patch16_224")
+# --precisions: name -> (mixed precision, channels-last, torch.compile), for zoo and the plain loop alike.
+SETTINGS = {"fp32": (False, False, False), "amp": (True, False, False), "amp+cl": (True, True, False),
+            "amp+cl+compile": (True, True, True)}
 TEST_MODELS = ("test_resnet", "test_efficientnet", "test_vit")
 
 
@@ -87,6 +101,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="leave glibc's allocator at its defaults (by default, as `zoo finetune` on the CPU, the heap is "
                         "never trimmed nor large blocks mmapped: keep_cpu_heap; it applies to both paths, same process)")
     p.add_argument("--no-fp32-reference", action="store_true", help="on CUDA, skip the plain fp32 reference run")
+    p.add_argument("--precisions", nargs="+", choices=list(SETTINGS), default=None, metavar="SETTING",
+                   help=f"one row per setting ({', '.join(SETTINGS)}), zoo and plain both at it (default: what "
+                        "`zoo finetune` picks on the device, plus a plain fp32 reference on CUDA)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", default=None, help="write the results (and every timed run) as JSON")
     args = p.parse_args(argv)
@@ -193,7 +210,8 @@ class PlainRun:
 
 
 def build_plain(pristine: nn.Module, frozen_names: set[str], cfg: FinetuneConfig, device: torch.device,
-                amp_dtype: torch.dtype | None, channels_last: bool, frozen_bn_eval: bool = False) -> PlainRun:
+                amp_dtype: torch.dtype | None, channels_last: bool, frozen_bn_eval: bool = False,
+                compile: bool = False) -> PlainRun:
     model = copy.deepcopy(pristine).to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -207,7 +225,7 @@ def build_plain(pristine: nn.Module, frozen_names: set[str], cfg: FinetuneConfig
                 m.eval()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    return PlainRun(model, opt, criterion, device, amp_dtype, channels_last)
+    return PlainRun(torch.compile(model) if compile else model, opt, criterion, device, amp_dtype, channels_last)
 
 
 # ---------------------------------------------------------------------------- timing
@@ -221,33 +239,44 @@ def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def timed(run, batches, device: torch.device) -> tuple[float, float, int]:
-    """Wall-clock seconds, process CPU seconds and minor page faults of one run over ``batches``."""
+def timed(run, batches, device: torch.device) -> tuple[float, float, int, float | None]:
+    """Wall-clock seconds, process CPU seconds, minor page faults and (CUDA) peak MiB of one run over ``batches``.
+
+    The peak is ``torch.cuda.max_memory_allocated`` during the run less what was allocated at its start."""
     sync(device)
+    resident = None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        resident = torch.cuda.memory_allocated(device)
     start, start_cpu, start_faults = time.perf_counter(), time.process_time(), minor_faults()
     run.epoch(batches)
     sync(device)
-    return time.perf_counter() - start, time.process_time() - start_cpu, minor_faults() - start_faults
+    wall, cpu, faults = time.perf_counter() - start, time.process_time() - start_cpu, minor_faults() - start_faults
+    peak = (torch.cuda.max_memory_allocated(device) - resident) / 2 ** 20 if resident is not None else None
+    return wall, cpu, faults, peak
 
 
-def precision_label(hw: Hardware) -> str:
-    amp = {None: "fp32", torch.bfloat16: "bf16 mixed", torch.float16: "fp16 mixed"}[hw.amp_dtype]
-    return amp + (" + CL" if hw.channels_last else "")
+def precision_label(hw: Hardware, compile: bool = False) -> str:
+    amp = {None: "fp32", torch.bfloat16: "bf16 mixed", torch.float16: "fp16 mixed + scaler"}[hw.amp_dtype]
+    return amp + (" + CL" if hw.channels_last else "") + (" + compile" if compile else "")
 
 
-def bench_model(name: str, args, hardware: Hardware, log) -> list[dict]:
-    cfg = FinetuneConfig(backbone=name)
+def bench_model(name: str, args, hardware: Hardware, log, compile: bool = False, reference: bool = True) -> list[dict]:
+    """Rows of zoo against the plain loop at ``hardware``'s precision (and ``compile``); with ``reference``, on CUDA,
+    also against plain fp32."""
+    cfg = FinetuneConfig(backbone=name, compile=compile)
     device, bs = hardware.device, args.batch_size
     zoo_run, pristine = build_zoo(name, cfg, hardware, args.num_classes, args.steps, ({"img_size": args.input_size} if needs_img_size(name) else {}))
     bn_eval = args.plain_frozen_bn_eval
     runs = {"zoo": zoo_run,
-            "plain": build_plain(pristine, zoo_run.frozen_names, cfg, device, hardware.amp_dtype, hardware.channels_last, bn_eval)}
-    if device.type == "cuda" and not args.no_fp32_reference and (hardware.amp_dtype is not None or hardware.channels_last):
+            "plain": build_plain(pristine, zoo_run.frozen_names, cfg, device, hardware.amp_dtype, hardware.channels_last, bn_eval,
+                                 compile)}
+    if reference and device.type == "cuda" and not args.no_fp32_reference and (hardware.amp_dtype is not None or hardware.channels_last):
         runs["plain fp32"] = build_plain(pristine, zoo_run.frozen_names, cfg, device, None, False, bn_eval)
     del pristine
     distinct = make_batches(args.distinct_batches, bs, args.input_size, args.num_classes, device, args.seed)
     warm, timed_batches = cycle(distinct, args.warmup), cycle(distinct, args.steps)
-    log(f"{name}: {zoo_run.describe}; {hardware.describe()}")
+    log(f"{name}: {zoo_run.describe}; {hardware.describe()}{', torch.compile' if compile else ''}")
 
     for key, run in runs.items():
         if warm:
@@ -255,13 +284,16 @@ def bench_model(name: str, args, hardware: Hardware, log) -> list[dict]:
     seconds: dict[str, list[float]] = {k: [] for k in runs}
     cpu_seconds: dict[str, list[float]] = {k: [] for k in runs}
     faults: dict[str, list[int]] = {k: [] for k in runs}
+    peaks: dict[str, list[float]] = {k: [] for k in runs}
     for r in range(args.repeats):
         order = list(runs) if r % 2 == 0 else list(reversed(runs))  # alternate, so drift in load hits both
         for key in order:
-            wall, cpu, flt = timed(runs[key], timed_batches, device)
+            wall, cpu, flt, peak = timed(runs[key], timed_batches, device)
             seconds[key].append(wall)
             cpu_seconds[key].append(cpu)
             faults[key].append(flt)
+            if peak is not None:
+                peaks[key].append(peak)
         log(f"  repeat {r + 1}/{args.repeats}: " + ", ".join(
             f"{k} {bs * args.steps / seconds[k][-1]:.1f} img/s ({faults[k][-1] // args.steps} page faults/step)" for k in runs))
 
@@ -280,11 +312,14 @@ def bench_model(name: str, args, hardware: Hardware, log) -> list[dict]:
                 "cpu_time_ratio": med_cpu[other] / med_cpu["zoo"] if device.type == "cpu" else None,
                 "zoo_runs_img_s": ips["zoo"], "plain_runs_img_s": ips[other],
                 "zoo_runs_cpu_s": cpu_seconds["zoo"], "plain_runs_cpu_s": cpu_seconds[other],
-                "zoo_runs_page_faults": faults["zoo"], "plain_runs_page_faults": faults[other]}
+                "zoo_runs_page_faults": faults["zoo"], "plain_runs_page_faults": faults[other],
+                # MiB above what was resident when each run started, the largest over the runs (CUDA only).
+                "zoo_peak_mib": max(peaks["zoo"]) if peaks["zoo"] else None,
+                "plain_peak_mib": max(peaks[other]) if peaks[other] else None}
 
-    rows = [row(precision_label(hardware), "plain")]
+    rows = [row(precision_label(hardware, compile), "plain")]
     if "plain fp32" in runs:
-        rows.append(row(f"zoo {precision_label(hardware)} vs plain fp32", "plain fp32"))
+        rows.append(row(f"zoo {precision_label(hardware, compile)} vs plain fp32", "plain fp32"))
     del runs, zoo_run, distinct, warm, timed_batches
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -293,10 +328,15 @@ def bench_model(name: str, args, hardware: Hardware, log) -> list[dict]:
 
 def format_table(rows: list[dict]) -> str:
     head = ("model", "device", "precision", "batch", "input", "zoo img/s", "plain img/s", "zoo/plain", "paired min..max",
-            "by cpu time")
+            "by cpu time", "zoo peak MiB", "plain peak MiB")
+
+    def mib(value) -> str:
+        return "-" if value is None else f"{value:.0f}"
+
     body = [(r["model"], r["device"], r["precision"], str(r["batch"]), str(r["input"]), f"{r['zoo_img_s']:.1f}",
              f"{r['plain_img_s']:.1f}", f"{r['ratio']:.3f}", f"{r['paired_ratio_min']:.3f}..{r['paired_ratio_max']:.3f}",
-             "-" if r["cpu_time_ratio"] is None else f"{r['cpu_time_ratio']:.3f}")
+             "-" if r["cpu_time_ratio"] is None else f"{r['cpu_time_ratio']:.3f}", mib(r["zoo_peak_mib"]),
+             mib(r["plain_peak_mib"]))
             for r in rows]
     widths = [max(len(x[i]) for x in (head, *body)) for i in range(len(head))]
     numeric = set(range(3, len(head)))
@@ -330,13 +370,19 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     rows = []
     for name in args.models:
-        rows += bench_model(name, args, hardware, log)
+        if args.precisions is None:
+            rows += bench_model(name, args, hardware, log)
+            continue
+        for setting in args.precisions:
+            amp, channels_last, compile = SETTINGS[setting]
+            rows += bench_model(name, args, resolve_hardware(args.device, amp, channels_last), log, compile, reference=False)
     table = format_table(rows)
     print(table, flush=True)
     log(f"({time.perf_counter() - started:.0f}s. img/s: median over {args.repeats} alternating runs of {args.steps} steps; "
         "zoo/plain: ratio of the medians; paired min..max: ratios of runs taken back to back; by cpu time: the same "
         "ratio from the process CPU seconds of each run (CPU only), which time slices lost to other processes "
-        "do not inflate)")
+        "do not inflate); peak MiB: CUDA memory the step allocated above what was resident at the start of the run, "
+        "the largest over the runs (CUDA only)")
     if args.json:
         result = {"argv": sys.argv[1:], "torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
                   "device": where, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),

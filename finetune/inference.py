@@ -14,11 +14,13 @@ import torch.nn.functional as F
 
 from finetune import loaders
 from finetune.engine import predict_logits, resolve_hardware
+from zoo import cache as image_cache
 from zoo.backbones import load_run_model
 from zoo.cpu import apply_budget, cpu_budget
 from zoo.data import check_images, read_prediction_images
 from zoo.errors import UserInputError
 from zoo.predictions import Predictions
+from zoo.progress import progress
 from zoo.rundir import RunDir
 
 
@@ -70,13 +72,38 @@ def load_run(run: str | os.PathLike, device: torch.device | None = None) -> tupl
     return model.to(device or "cpu").eval(), config
 
 
-def _predict(model_run: RunDir, samples, hardware, views, batch_size: int, workers: int) -> tuple[np.ndarray, np.ndarray]:
+def _image_sources(config: dict, root: Path, workers: int) -> loaders.ImageSources | None:
+    """The decoded-image cache a run trained with (its ``--cache`` option), or None: decode each image from its file.
+
+    A cross-fit's holdout predictions then decode each image once for all its fold models."""
+    options = config.get("options") or {}
+    if not options.get("cache") or "data_config" not in config:
+        return None
+    return loaders.image_sources(options["cache"], root, config["data_config"], options["crop_scale"], workers=workers)
+
+
+def _predict(model_run: RunDir, root: Path, samples, hardware, views, batch_size: int, workers: int, share: int,
+             desc: str, show: bool | None) -> tuple[np.ndarray, np.ndarray]:
     model, model_config = load_run(model_run.root, hardware.device)
     if hardware.channels_last:
         model.to(memory_format=torch.channels_last)
+    sources = _image_sources(model_config, root, share)
     loader = loaders.eval_loader(samples, loaders.eval_transform(model_config["data_config"]), batch_size=batch_size,
-                                 workers=workers, pin_memory=hardware.device.type == "cuda")
-    return predict_logits(model, loader, hardware, views)
+                                 workers=workers, pin_memory=hardware.device.type == "cuda",
+                                 images=sources.eval(samples) if sources is not None else None)
+    with progress(len(loader), desc, unit="batches", enabled=show) as bar:
+        return predict_logits(model, loader, hardware, views, progress=bar)
+
+
+def _check_images(model_runs: list[RunDir], root: Path, samples, workers: int, show: bool | None):
+    """The readable samples and (id, why) of the others; through the run's cache when it has one (decoded once there)."""
+    sources = _image_sources(model_runs[0].read_config(), root, workers)
+    with progress(len(samples), "checking images", unit="images", enabled=show) as bar:
+        if sources is None:
+            return check_images(samples, workers=workers, progress=lambda done, _: bar.set(done))
+        result = image_cache.fill(sources.store, samples, sources.caps, workers=workers, progress=lambda done, _: bar.set(done))
+    bad = {sample_id for sample_id, _ in result.bad}
+    return [s for s in samples if s.id not in bad], result.bad
 
 
 def _own_validation(model_runs: list[RunDir], samples, data) -> list[list]:
@@ -97,7 +124,7 @@ def _own_validation(model_runs: list[RunDir], samples, data) -> list[list]:
 def predict_run(run: str | os.PathLike, data: str | os.PathLike, split: str = "test", tta: int = 1,
                 batch_size: int = 64, device: str | None = None, workers: int | None = None,
                 log: Callable[[str], None] | None = None, allow_outside_root: bool = False,
-                threads: int | None = None) -> Predictions:
+                threads: int | None = None, progress: bool | None = None) -> Predictions:
     """Predict ``split`` of ``data`` (or every image, ``split='all'``) with a run's best model.
 
     ``split='run-val'`` predicts the run's own validation images (``splits.json``; a
@@ -108,7 +135,8 @@ def predict_run(run: str | os.PathLike, data: str | os.PathLike, split: str = "t
     A cross-fitted run (``zoo finetune --folds K``) predicts with each of its K fold
     models (each with its ``tta`` views first) and averages their probabilities.
     CSV paths must stay under the CSV's folder unless ``allow_outside_root``. ``threads`` and
-    ``workers`` override the measured CPU budget (``zoo.cpu.cpu_budget``)."""
+    ``workers`` override the measured CPU budget (``zoo.cpu.cpu_budget``). ``progress``: False hides the
+    progress of the image check and of each model's predictions (``zoo.progress``)."""
     views = tta_views(tta)
     hardware = resolve_hardware(device, None, None)
     budget = cpu_budget(threads, workers, hardware.device.type)
@@ -121,7 +149,7 @@ def predict_run(run: str | os.PathLike, data: str | os.PathLike, split: str = "t
     own_val = split == RUN_VAL
     root, samples = read_prediction_images(data, config["classes"], "all" if own_val else split,
                                            allow_outside_root=allow_outside_root)
-    good, bad = check_images(samples, workers=budget.share)
+    good, bad = _check_images(model_runs, root, samples, budget.share, progress)
     if bad and log is not None:
         shown = "".join(f"\n  {sample_id}: {why}" for sample_id, why in bad[:20])
         log(f"warning: skipped {len(bad)} unreadable image(s) of {len(samples)}; {len(good)} predicted:{shown}"
@@ -130,17 +158,25 @@ def predict_run(run: str | os.PathLike, data: str | os.PathLike, split: str = "t
         raise UserInputError(f"{data}: no readable images to predict")
     if own_val:  # each model predicts the images it picked its epoch on: a cross-fit's fold models give out-of-fold rows
         parts = _own_validation(model_runs, good, data)
-        outputs = [_predict(r, part, hardware, views, batch_size, budget.workers) for r, part in zip(model_runs, parts)]
+        outputs = [_predict(r, root, part, hardware, views, batch_size, budget.workers, budget.share, _desc(r, model_runs),
+                            progress)
+                   for r, part in zip(model_runs, parts)]
         logits, labels = (np.concatenate([o[i] for o in outputs]) for i in (0, 1))
         good = [s for part in parts for s in part]
         split = "oof" if len(model_runs) > 1 else "val"
     else:  # every model predicts every image; a cross-fit averages its fold models' probabilities
         probabilities = None
         for model_run in model_runs:
-            logits, labels = _predict(model_run, good, hardware, views, batch_size, budget.workers)
+            logits, labels = _predict(model_run, root, good, hardware, views, batch_size, budget.workers, budget.share,
+                                      _desc(model_run, model_runs), progress)
             p = torch.softmax(torch.from_numpy(logits).double(), dim=1)
             probabilities = p if probabilities is None else probabilities + p
         if len(model_runs) > 1:
             logits = torch.log((probabilities / len(model_runs)).clamp_min(1e-30)).float().numpy()
     return Predictions(logits=logits, labels=labels, ids=[s.id for s in good], classes=config["classes"],
                        backbone=config["backbone"], run=str(Path(run).resolve()), split=split, tta=tta)
+
+
+def _desc(model_run: RunDir, model_runs: list[RunDir]) -> str:
+    count = f" ({model_runs.index(model_run) + 1}/{len(model_runs)})" if len(model_runs) > 1 else ""
+    return f"predicting with {model_run.root.name}{count}"

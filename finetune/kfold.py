@@ -31,6 +31,7 @@ from zoo.data import CLASS_ORDER, read_listing
 from zoo.errors import UserInputError
 from zoo.folds import assign_folds, folds_record, pool_and_holdout, write_folds
 from zoo.predictions import Predictions, mean_probability, read_predictions, write_predictions
+from zoo.progress import progress as progress_bar
 from zoo.rundir import RunDir
 
 # Options that change where or how fast a run goes, not what it learns: they may differ
@@ -75,27 +76,31 @@ def finetune_folds(cfg: FinetuneConfig, *, log=stderr_log, progress: bool | None
             f"(--fold-seed {cfg.fold_seed}); holdout: " + (f"{len(holdout)} val/ images, never trained or selected on"
                                                            if holdout else "none"))
         result = CrossFitResult(run, cfg.folds, {}, [], False, {}, rank=dist.rank)
-        for fold in [cfg.fold] if cfg.fold else range(1, cfg.folds + 1):
-            fold_run = run.fold_run(fold)
-            if fold_run.result.is_file():
-                log(f"fold {fold}/{cfg.folds}: finished earlier ({fold_run.root}); skipped")
-                result.skipped.append(fold)
-                continue
-            resume = fold_run.resume_state.is_file()
-            log(f"fold {fold}/{cfg.folds}: " + ("continuing from its resume state" if resume else "training") + f" -> {fold_run.root}")
-            fold_cfg = replace(cfg, out=str(fold_run.root), fold=fold, resume=resume)
-            try:
-                trained = finetune(fold_cfg, log=log, progress=progress, stop_after_epoch=stop_after_epoch)
-            except TrainingInterrupted:
-                log(f"the cross-fit continues with: zoo finetune --resume --out {run.root}")
-                raise
-            result.trained[fold] = trained
-            if trained.stopped == "interrupted":
-                result.stopped = "interrupted"
-                return result
-            if dist.is_main and holdout:
-                _predict_holdout(fold_run, cfg, log)
-            dist.barrier()
+        todo = [cfg.fold] if cfg.fold else list(range(1, cfg.folds + 1))
+        with progress_bar(len(todo), f"cross-fit of {cfg.backbone}", unit="folds", enabled=progress if dist.is_main else False) as bar:
+            for fold in todo:
+                fold_run = run.fold_run(fold)
+                if fold_run.result.is_file():
+                    log(f"fold {fold}/{cfg.folds}: finished earlier ({fold_run.root}); skipped")
+                    result.skipped.append(fold)
+                    bar.update(1)
+                    continue
+                resume = fold_run.resume_state.is_file()
+                log(f"fold {fold}/{cfg.folds}: " + ("continuing from its resume state" if resume else "training") + f" -> {fold_run.root}")
+                fold_cfg = replace(cfg, out=str(fold_run.root), fold=fold, resume=resume)
+                try:
+                    trained = finetune(fold_cfg, log=log, progress=progress, stop_after_epoch=stop_after_epoch)
+                except TrainingInterrupted:
+                    log(f"the cross-fit continues with: zoo finetune --resume --out {run.root}")
+                    raise
+                result.trained[fold] = trained
+                if trained.stopped == "interrupted":
+                    result.stopped = "interrupted"
+                    return result
+                if dist.is_main and holdout:
+                    _predict_holdout(fold_run, cfg, log, progress)
+                dist.barrier()
+                bar.update(1)
         unfinished = [i for i in range(1, cfg.folds + 1) if not run.fold_run(i).result.is_file()]
         if unfinished:
             log(f"folds {unfinished} are not finished yet; the out-of-fold predictions are written when the last one ends")
@@ -148,7 +153,7 @@ def write_cross_fit_parent(run: RunDir, cfg: FinetuneConfig, classes: list[str],
         })
 
 
-def _predict_holdout(fold_run: RunDir, cfg: FinetuneConfig, log) -> Predictions:
+def _predict_holdout(fold_run: RunDir, cfg: FinetuneConfig, log, progress: bool | None = None) -> Predictions:
     """The fold model's predictions of the holdout (the dataset's val split), kept in its run directory."""
     from finetune.inference import predict_run
 
@@ -156,7 +161,7 @@ def _predict_holdout(fold_run: RunDir, cfg: FinetuneConfig, log) -> Predictions:
     if path.is_file():
         return read_predictions(path)
     preds = predict_run(fold_run.root, cfg.data, split="val", workers=cfg.workers, threads=cfg.threads, device=cfg.device,
-                        log=log, allow_outside_root=cfg.allow_outside_root)
+                        log=log, allow_outside_root=cfg.allow_outside_root, progress=progress)
     write_predictions(path, preds)
     return preds
 

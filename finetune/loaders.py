@@ -150,16 +150,17 @@ def expected_data_config(cfg) -> dict[str, Any] | None:
     return data_config(SimpleNamespace(pretrained_cfg=pretrained.to_dict()), cfg.data_overrides())
 
 
-def check_images(cfg, root: Path, samples: Sequence[Sample], *, workers: int) -> tuple[list[Sample], list[tuple[str, str]]]:
+def check_images(cfg, root: Path, samples: Sequence[Sample], *, workers: int,
+                 progress: Callable[[int, int], None] | None = None) -> tuple[list[Sample], list[tuple[str, str]]]:
     """Decode every image once before training; return the good ones and (id, why) for the rest.
 
     With ``cfg.cache`` the decoded pixels go into the cache, so loaders (and the later folds of
-    a cross-fit) do not decode them again.
+    a cross-fit) do not decode them again. ``progress(done, total)`` is called as images are checked.
     """
     dcfg = expected_data_config(cfg) if cfg.cache is not None else None
     if dcfg is None:
-        return decode_check(samples, workers=workers)
+        return decode_check(samples, workers=workers, progress=progress)
     sources = image_sources(cfg.cache, root, dcfg, cfg.crop_scale, workers=workers)
-    result = image_cache.fill(sources.store, samples, sources.caps, workers=workers)
+    result = image_cache.fill(sources.store, samples, sources.caps, workers=workers, progress=progress)
     bad = {sample_id for sample_id, _ in result.bad}
     return [s for s in samples if s.id not in bad], result.bad

@@ -25,6 +25,7 @@ from zoo.backbones import create_backbone, data_config
 from zoo.cpu import apply_budget, cpu_budget
 from zoo.data import check_images, read_dataset
 from zoo.errors import UserInputError
+from zoo.progress import progress as progress_bar
 
 
 @dataclass
@@ -68,7 +69,9 @@ def analyse(lrs: list[float], losses: list[float], beta: float = 0.98) -> LrFind
 
 
 def lr_find(cfg: FinetuneConfig, *, start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 100,
-            plot: str | Path | None = None, log=stderr_log) -> LrFindResult:
+            plot: str | Path | None = None, log=stderr_log, progress: bool | None = None) -> LrFindResult:
+    """Sweep the head's rate from ``start_lr`` to ``end_lr`` over ``steps`` updates and suggest one.
+    ``progress``: False hides the progress of the image check and of the sweep (``zoo.progress``)."""
     if not 0 < start_lr < end_lr:
         raise UserInputError(f"--start-lr must be positive and below --end-lr, got {start_lr} and {end_lr}")
     cfg.validate()
@@ -78,7 +81,9 @@ def lr_find(cfg: FinetuneConfig, *, start_lr: float = 1e-7, end_lr: float = 10.0
     log(budget.describe())
     dataset = read_dataset(cfg.data, val_fraction=cfg.val_fraction, val_from_train=cfg.val_from_train, seed=cfg.seed,
                            allow_outside_root=cfg.allow_outside_root)
-    train, bad = check_images(dataset.split("train"), workers=budget.share)
+    samples = dataset.split("train")
+    with progress_bar(len(samples), "checking train images", unit="images", enabled=progress) as bar:
+        train, bad = check_images(samples, workers=budget.share, progress=lambda done, _: bar.set(done))
     if bad:
         log(f"warning: skipped {len(bad)} unreadable image(s), e.g. {bad[0][0]}")
     generator = seed_everything(cfg.seed)
@@ -102,6 +107,7 @@ def lr_find(cfg: FinetuneConfig, *, start_lr: float = 1e-7, end_lr: float = 10.0
     lrs, losses, best, avg = [], [], math.inf, 0.0
     ratio = (end_lr / start_lr) ** (1 / max(steps - 1, 1))
     step = 0
+    sweep = progress_bar(steps, "lr-find", unit="steps", enabled=progress)
     while step < steps:
         for images, labels, _ in loader:
             lr = start_lr * ratio ** step
@@ -114,9 +120,11 @@ def lr_find(cfg: FinetuneConfig, *, start_lr: float = 1e-7, end_lr: float = 10.0
             avg = 0.98 * avg + 0.02 * value
             smooth = avg / (1 - 0.98 ** step)
             best = min(best, smooth)
+            sweep.update(1, f"lr {lr:.2g}, loss {smooth:.4f}")
             if step >= steps or not math.isfinite(value) or (step > 10 and smooth > 4 * best):
                 step = steps
                 break
+    sweep.close()
     if len(lrs) < 5:
         raise UserInputError(f"lr-find: only {len(lrs)} steps before the loss diverged; lower --start-lr")
     result = analyse(lrs, losses)

@@ -58,6 +58,7 @@ from zoo.cpu import apply_budget, cpu_budget
 from zoo.data import Sample, check_images, read_listing
 from zoo.errors import UserInputError
 from zoo.predictions import Predictions, read_predictions, write_predictions
+from zoo.progress import progress as progress_bar
 from zoo.rundir import RunDir
 
 if TYPE_CHECKING:
@@ -180,7 +181,7 @@ def differing_norms(model: torch.nn.Module, states: Sequence[dict[str, torch.Ten
     return names
 
 
-def reestimate_norms(model: torch.nn.Module, names: Sequence[str], loader, device) -> None:
+def reestimate_norms(model: torch.nn.Module, names: Sequence[str], loader, device, progress: bool | None = False) -> None:
     """Recompute the running statistics of the named BatchNorm layers over ``loader`` (cumulative mean, no grad)."""
     import torch
 
@@ -194,9 +195,10 @@ def reestimate_norms(model: torch.nn.Module, names: Sequence[str], loader, devic
         m.reset_running_stats()
         m.momentum = None
         m.train()
-    with torch.no_grad():
+    with torch.no_grad(), progress_bar(len(loader), "re-estimating BatchNorm", unit="batches", enabled=progress) as bar:
         for images, _, _ in loader:
             model(images.to(device))
+            bar.update(1)
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
         m.eval()
@@ -205,12 +207,13 @@ def reestimate_norms(model: torch.nn.Module, names: Sequence[str], loader, devic
 class SoupCook:
     """Builds and scores soups of one set of ingredients on one set of images."""
 
-    def __init__(self, config: dict, states, eval_samples, bn_samples, bn: str, hardware, batch_size: int, workers: int):
+    def __init__(self, config: dict, states, eval_samples, bn_samples, bn: str, hardware, batch_size: int, workers: int,
+                 progress: bool | None = False):
         import timm
 
         from finetune import loaders
 
-        self.config, self.states, self.bn, self.hardware = config, states, bn, hardware
+        self.config, self.states, self.bn, self.hardware, self.progress = config, states, bn, hardware, progress
         self.model = timm.create_model(config["backbone"], pretrained=False, num_classes=len(config["classes"]),
                                        **architecture_kwargs(config)).to(hardware.device)
         tf = loaders.eval_transform(config["data_config"])
@@ -222,13 +225,15 @@ class SoupCook:
         chosen = [self.states[i] for i in members]
         self.model.load_state_dict(average_states(chosen), strict=True)
         if self.bn == "reestimate":
-            reestimate_norms(self.model, differing_norms(self.model, chosen), self.bn_loader, self.hardware.device)
+            reestimate_norms(self.model, differing_norms(self.model, chosen), self.bn_loader, self.hardware.device,
+                             self.progress)
         return {k: v.detach().cpu().contiguous().clone() for k, v in self.model.state_dict().items()}
 
     def score(self) -> tuple[np.ndarray, np.ndarray, float, float]:
         from finetune.engine import log_loss_and_accuracy, predict_logits
 
-        logits, labels = predict_logits(self.model, self.eval_loader, self.hardware)
+        with progress_bar(len(self.eval_loader), "scoring the soup", unit="batches", enabled=self.progress) as bar:
+            logits, labels = predict_logits(self.model, self.eval_loader, self.hardware, progress=bar)
         loss, accuracy = log_loss_and_accuracy(logits, labels)
         return logits, labels, loss, accuracy
 
@@ -277,8 +282,9 @@ def _score_rows(runs: Sequence[RunDir], folded: bool, by_id: dict[str, Sample]) 
 
 def make_soup(paths: Sequence[str], out: str, *, method: str = "uniform", bn: str = "average", score_split: str | None = None,
               bn_images: int = 512, batch_size: int = 64, device: str | None = None, threads: int | None = None,
-              log: Callable[[str], None] | None = None) -> SoupResult:
-    """Average the weights of ``paths`` (runs, or cross-fits standing for their folds) into the run directory ``out``."""
+              log: Callable[[str], None] | None = None, progress: bool | None = None) -> SoupResult:
+    """Average the weights of ``paths`` (runs, or cross-fits standing for their folds) into the run directory ``out``.
+    ``progress``: False hides the progress of the image check, the scoring and the greedy search (``zoo.progress``)."""
     from finetune.engine import resolve_hardware, stderr_log
 
     log = log or stderr_log
@@ -314,11 +320,14 @@ def make_soup(paths: Sequence[str], out: str, *, method: str = "uniform", bn: st
     bn_samples = _samples(train_ids, by_id, runs[0])
     if bn == "reestimate" and not bn_samples:
         raise UserInputError(f"{runs[0].splits}: no train ids to re-estimate BatchNorm statistics on; pass --bn average")
-    eval_samples, bad = check_images(eval_samples, workers=budget.share)
-    bn_samples, bad_bn = check_images(bn_samples, workers=budget.share)
+    with progress_bar(len(eval_samples) + len(bn_samples), "checking images", unit="images", enabled=progress) as bar:
+        eval_samples, bad = check_images(eval_samples, workers=budget.share, progress=lambda done, _: bar.set(done))
+        checked = bar.done
+        bn_samples, bad_bn = check_images(bn_samples, workers=budget.share, progress=lambda done, _: bar.set(checked + done))
     if bad or bad_bn:
         log(f"warning: skipped {len(bad) + len(bad_bn)} unreadable image(s), e.g. {(bad or bad_bn)[0][0]}")
-    cook = SoupCook(configs[0], load_states(runs), eval_samples, bn_samples, bn, hardware, batch_size, budget.workers)
+    cook = SoupCook(configs[0], load_states(runs), eval_samples, bn_samples, bn, hardware, batch_size, budget.workers,
+                    progress)
     log(f"souping {len(runs)} run(s) of {configs[0]['backbone']} ({method}, BatchNorm: {bn}); scored on "
         f"{len(eval_samples)} {'holdout' if folded else 'validation'} images; {budget.describe()}")
     trace: list[dict] = []
@@ -329,6 +338,7 @@ def make_soup(paths: Sequence[str], out: str, *, method: str = "uniform", bn: st
     else:
         order = sorted(range(len(runs)), key=lambda i: (own_scores[i], i))
         kept, best = [], None
+        search = progress_bar(len(order), "greedy soup", unit="ingredients", enabled=progress)
         for i in order:
             trial_state = cook.cook(kept + [i])
             trial = cook.score()
@@ -337,6 +347,8 @@ def make_soup(paths: Sequence[str], out: str, *, method: str = "uniform", bn: st
             log(f"  {'+' if accepted else '-'} {runs[i].root}: own log loss {own_scores[i]:.4f}, soup with it {trial[2]:.4f}")
             if accepted:
                 kept, best, state = kept + [i], trial, trial_state
+            search.update(1)
+        search.close()
         logits, labels, loss, accuracy = best
     return _write_soup(soup_run, configs[0], runs, kept, state, method, bn, expected, folded and method == "greedy",
                        eval_samples, train_ids, logits, labels, (loss, accuracy), trace, log)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from zoo.cpu import CpuBudget, apply_budget, cpu_budget
 from zoo.data import Dataset, check_images, read_dataset, read_listing
 from zoo.errors import UserInputError
 from zoo.folds import fold_dataset
+from zoo.progress import progress
 from zoo.rundir import RunDir
 
 
@@ -112,7 +112,7 @@ class StopFlag:
             signal.signal(sig, h)
 
 
-def _read_data(cfg: FinetuneConfig, log, dist: Dist, budget: CpuBudget) -> Dataset:
+def _read_data(cfg: FinetuneConfig, log, dist: Dist, budget: CpuBudget, show_progress: bool | None = None) -> Dataset:
     """Read the dataset and decode every image once; under torchrun each rank checks its share."""
     if cfg.folds:  # one fold model of a cross-fit: folds are assigned on the listed ids, before any image is read
         dataset = fold_dataset(read_listing(cfg.data, allow_outside_root=cfg.allow_outside_root), cfg.folds,
@@ -125,7 +125,9 @@ def _read_data(cfg: FinetuneConfig, log, dist: Dist, budget: CpuBudget) -> Datas
     skipped = []
     for split in list(dataset.splits):
         samples = dataset.splits[split]
-        _, bad = loaders.check_images(cfg, dataset.root, samples[dist.rank::dist.world_size], workers=budget.share)
+        shard = samples[dist.rank::dist.world_size]
+        with progress(len(shard), f"checking {split} images", unit="images", enabled=show_progress) as bar:
+            _, bad = loaders.check_images(cfg, dataset.root, shard, workers=budget.share, progress=lambda done, _: bar.set(done))
         why = dict(b for part in dist.gather(bad) for b in part)
         dataset.splits[split] = [s for s in samples if s.id not in why]
         skipped += [(split, s.id, why[s.id]) for s in samples if s.id in why]
@@ -150,20 +152,10 @@ def _rate_table(model, groups, frozen: int, rates, lr: float) -> str:
     return "\n".join("  " + "  ".join(c.ljust(w) if i in (1, 3) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows)
 
 
-def _progress_bar(epoch: int, epochs: int, enabled: bool):
-    if not enabled:
-        return None, lambda: None
-    from tqdm import tqdm
-
-    bar = tqdm(total=0, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False, file=sys.stderr, dynamic_ncols=True)
-
-    def update(done, total, loss, ips):
-        bar.total = total
-        bar.n = done
-        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.1f}", refresh=False)
-        bar.refresh()
-
-    return update, bar.close
+def _epoch_progress(epoch: int, epochs: int, batches: int, enabled: bool | None):
+    """The epoch's progress (``zoo.progress``) and the callback ``Trainer.train_epoch`` reports to."""
+    bar = progress(batches, f"epoch {epoch + 1}/{epochs}", unit="batches", enabled=enabled)
+    return bar, lambda done, total, loss, ips: bar.set(done, f"loss {loss:.4f}, {ips:.1f} img/s")
 
 
 def finetune(cfg: FinetuneConfig, *, log=stderr_log, progress: bool | None = None,
@@ -237,12 +229,12 @@ def _train(cfg: FinetuneConfig, run: RunDir, resume_state: dict | None, dist: Di
     budget = cpu_budget(cfg.threads if cfg.threads is not None else recorded.get("threads"),
                         cfg.workers if cfg.workers is not None else recorded.get("workers"), hardware.device.type)
     apply_budget(budget)
-    show_progress = dist.is_main and (sys.stderr.isatty() if progress is None else progress)
+    show_progress = progress if dist.is_main else False  # None: on unless ZOO_PROGRESS=0 (zoo.progress)
     lr = cfg.lr * world if cfg.scale_lr else cfg.lr  # linear scaling rule: the batch of a step is `world` times larger
     effective_batch = cfg.batch_size * cfg.accum_steps * world
 
     # Data.
-    dataset = _read_data(cfg, log, dist, budget)
+    dataset = _read_data(cfg, log, dist, budget, show_progress)
     classes, num_classes = dataset.classes, len(dataset.classes)
     train_counts = dataset.class_counts("train")
     log(f"data: {len(dataset.split('train'))} train, {len(dataset.split('val'))} val"
@@ -353,12 +345,10 @@ def _train(cfg: FinetuneConfig, run: RunDir, resume_state: dict | None, dist: Di
                 wrapped_for = frozen
             generator = seed_everything(cfg.seed, epoch, dist.rank)
             set_train_mode(trainer.model, frozen_norms)
-            update, close = _progress_bar(epoch, cfg.epochs, show_progress)
-            try:
-                stats = trainer.train_epoch(make_train_loader(generator, epoch), progress=update, stop_requested=stop,
-                                            resume_from=partial)
-            finally:
-                close()
+            train_loader = make_train_loader(generator, epoch)
+            bar, update = _epoch_progress(epoch, cfg.epochs, len(train_loader), show_progress)
+            with bar:
+                stats = trainer.train_epoch(train_loader, progress=update, stop_requested=stop, resume_from=partial)
             partial = None
             if stats.stopped_at is not None:
                 partials = dist.gather_state(vars(stats.stopped_at))

@@ -176,7 +176,7 @@ def test_cached_batches_are_the_same_from_loader_workers(tmp_path):
 def test_cross_fit_decodes_each_image_once(tmp_path, decodes):
     from finetune.kfold import finetune_folds
 
-    # No val/: no holdout to predict (holdout predictions go through finetune.inference, which has no cache yet).
+    # No val/: no holdout to predict (test_cross_fit_holdout_predictions_reuse_the_cache has one).
     root = make_image_folder(tmp_path / "data", per_class=(5, 0, 0), size=(60, 70))
     result = finetune_folds(tiny_config(root, tmp_path / "run", folds=5, epochs=2, cache="ram"), log=lambda m: None)
     assert result.assembled
@@ -191,3 +191,16 @@ def test_cross_fit_decodes_each_image_once(tmp_path, decodes):
     image_cache._CONTENT_KEYS.clear()
     finetune_folds(tiny_config(root, tmp_path / "member-b", folds=5, epochs=1, cache=disk, seed=1), log=lambda m: None)
     assert not decodes
+
+
+@pytest.mark.slow
+def test_cross_fit_holdout_predictions_reuse_the_cache(tmp_path, decodes):
+    from finetune.kfold import finetune_folds
+
+    # val/ is the holdout: every fold model predicts it (finetune.inference), from the run's cache.
+    root = make_image_folder(tmp_path / "data", per_class=(4, 2, 0), size=(60, 70))
+    result = finetune_folds(tiny_config(root, tmp_path / "run", folds=3, epochs=1, cache="ram"), log=lambda m: None,
+                            progress=False)
+    assert result.assembled and "holdout" in result.scores
+    # 12 pool and 6 holdout files, each decoded once (val/ reuses train/'s file names: those count 2).
+    assert sum(decodes.values()) == 18 and len(decodes) == 12, decodes

@@ -253,8 +253,10 @@ def _decode(path: Path, caps: Sequence[ShortSideCap]) -> dict[str, np.ndarray] |
 
 
 def fill(store: RamStore | DirStore, samples: Sequence[Sample], caps: Sequence[ShortSideCap], *,
-         workers: int = 1) -> FillResult:
-    """Decode the images of ``samples`` missing from ``store`` (for any of ``caps``) once, in ``workers`` threads."""
+         workers: int = 1, progress: Callable[[int, int], None] | None = None) -> FillResult:
+    """Decode the images of ``samples`` missing from ``store`` (for any of ``caps``) once, in ``workers`` threads.
+
+    ``progress(done, len(samples))`` is called after each decode; images found in the cache count as done."""
     caps = list(dict.fromkeys(caps))
     keys: list[str | None] = []
     bad: dict[int, str] = {}
@@ -269,7 +271,9 @@ def fill(store: RamStore | DirStore, samples: Sequence[Sample], caps: Sequence[S
                 and any(f"{k}/{c.key}" not in store.refs for c in caps)]
         unique = list({keys[i]: i for i in todo}.values())  # the same bytes twice (copies): decode once
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # PIL decodes and resizes without the GIL
-            for i, result in zip(unique, pool.map(lambda i: _decode(samples[i].path, caps), unique)):
+            for done, (i, result) in enumerate(zip(unique, pool.map(lambda i: _decode(samples[i].path, caps), unique)), 1):
+                if progress is not None:
+                    progress(len(samples) - len(unique) + done, len(samples))
                 if isinstance(result, str):
                     store.bad[keys[i]] = result
                     continue

@@ -165,13 +165,14 @@ COMMANDS = [finetune_command, predict_command, lr_find_command]
 @click.option("--epochs", default=None, type=int, help="epochs per backbone (default: 8)")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help=THREADS_HELP)
 def demo_command(out, epochs, threads):
-    """Run the whole pipeline on built-in data: three backbones, correlation, ensemble.
+    """Run `zoo run` on built-in data: three backbones, correlation, ensemble, report.
 
     Builds an image folder from scikit-learn's handwritten digits (no download),
     fine-tunes a ResNet, an EfficientNet and a ViT (small timm test models), measures
     how alike their predictions are, fits ensemble weights on validation predictions
-    and scores everything on the untouched test split. Writes the runs, the ensemble
-    file, the plots and report.md to --out.
+    (taken from train/), scores everything on the untouched val/ and test/ splits,
+    measures latency and writes the leaderboard and report.html to --out. Running it
+    again into the same --out continues it (finished members are skipped).
     """
     from zoo.cli.demo import run_demo
 

@@ -1,0 +1,74 @@
+"""``zoo run``: the whole pipeline over a zoo of backbones, in one resumable command."""
+
+from __future__ import annotations
+
+import click
+from click.core import ParameterSource
+
+from zoo.cli.finetune_commands import _config_options
+
+# FinetuneConfig fields that zoo run sets itself (or that its own options replace).
+_NOT_SHARED = ("resume", "fold", "val_from_train", "linear_probe", "probe_views", "pool")
+
+
+@click.command("run")
+@click.argument("data", type=click.Path(exists=True))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="folder for everything (re-run to continue)")
+@click.option("--backbones", default=None, help="comma-separated timm model names, sharing the finetune options given here")
+@click.option("--zoo", "zoo_file", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="zoo file (TOML): [[member]] tables with backbone, optional weights and name, and any finetune option")
+@click.option("--max-latency", default=None, type=click.FloatRange(min=0), help="pick the best member subset within MS "
+              "milliseconds per image (batch 64, this device)")
+@click.option("--cv", default=5, show_default=True, type=click.IntRange(min=0), help="cross-validation folds of the ensemble fit")
+@click.option("--latency-repeats", default=5, show_default=True, type=click.IntRange(min=1),
+              help="timed forward passes per batch size (median)")
+@_config_options
+@click.pass_context
+def run_command(ctx, data, out, backbones, zoo_file, max_latency, cv, latency_repeats, **options):
+    """Fine-tune a zoo of backbones, correlate them, fit and score the ensemble, and report.
+
+    \b
+    zoo run data/ --out runs/zoo --zoo zoo.toml --folds 5
+    zoo run data/ --out runs/zoo --backbones resnet18.a1_in1k,tf_efficientnet_lite0.in1k --epochs 6
+    zoo run data/ --out runs/zoo --max-latency 20
+
+    Each member is fine-tuned into OUT/members/NAME (with --folds K, cross-fitted); finished
+    members are skipped and an interrupted one continues from its resume state, so re-running
+    the command after Ctrl-C, a kill or adding a member does only the new work. Weights and
+    member subsets are chosen on out-of-fold (--folds) or validation rows (taken from train/);
+    the dataset's val/ (else test/) is the untouched holdout. Writes OUT/leaderboard.csv
+    (parameters, ms per image at batch 1 and 64 on this device, accuracy, log loss, ECE,
+    weight), OUT/pareto.csv, OUT/ensemble.json and OUT/report.html (self-contained).
+
+    \b
+    Finetune options given here apply to every member and win over the zoo file's. Without
+    --backbones or --zoo a default zoo for the device is used (printed; weights from the
+    Hugging Face hub; offline, give weights in a zoo file).
+    """
+    from zoo.cli.run import run_zoo
+    from zoo.cli.zoo_file import parse_backbones, read_zoo_file
+
+    if backbones and zoo_file:
+        raise click.UsageError("pass --backbones or --zoo, not both")
+    given = {k: v for k, v in options.items()
+             if k not in _NOT_SHARED and ctx.get_parameter_source(k) is ParameterSource.COMMANDLINE}
+    folds, fold_seed = given.pop("folds", None), given.pop("fold_seed", None)
+    shared, members = {}, None
+    if zoo_file:
+        if given.get("weights"):
+            raise click.UsageError("--weights with --zoo: give each member its weights in the zoo file (weights = FILE)")
+        members, shared = read_zoo_file(zoo_file)
+    elif backbones:
+        members = parse_backbones(backbones, given.pop("weights", None))
+    elif given.get("weights"):
+        raise click.UsageError("--weights needs --backbones NAME (the backbone those weights are for)")
+    result = run_zoo(data, out, members, shared=shared, given=given, folds=folds, fold_seed=fold_seed, cv=cv,
+                     max_latency=max_latency, latency_repeats=latency_repeats, log=lambda m: click.echo(m, err=True))
+    if result.status != "finished":
+        raise click.ClickException(f"stopped before the end; run the same command again to continue ({out})")
+    click.echo(result.summary)
+
+
+COMMANDS = [run_command]
+_SKIP = set(_NOT_SHARED)
+run_command.params = [p for p in run_command.params if p.name not in _SKIP]

