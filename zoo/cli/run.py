@@ -16,8 +16,9 @@ One call runs every stage through the same library functions as the single comma
    subsets (``pareto.csv``) and ``report.html``.
 
 The members come from ``zoo/cli/zoo_file.py``, the latency, leaderboard and Pareto front
-from ``zoo/cli/leaderboard.py``, the report from ``zoo/cli/report_html.py``. No click here (``zoo/cli/run_commands.py`` is the command); torch is imported only inside the
-functions that need it.
+from ``zoo/cli/leaderboard.py``, the report from ``zoo/cli/report_html.py``. No click here
+(``zoo/cli/run_commands.py`` is the command); torch is imported only inside the functions
+that need it.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from zoo.errors import UserInputError
 from zoo.rundir import RunDir
 
 # finetune's log lines worth showing under zoo run (the per-epoch line, the member's result).
-_SHOWN = ("epoch", "fold ", "cross-fitting", "out-of-fold", "holdout", "best epoch", "early stop", "warning", "SIG", "note")
+_SHOWN = ("epoch", "cpu budget", "fold ", "cross-fitting", "out-of-fold", "holdout", "best epoch", "early stop", "warning",
+          "SIG", "note")
 
 
 @dataclass
