@@ -91,7 +91,7 @@ def run_args(data: Path, out: Path, workers: int = 0) -> list[str]:
     restored, not merely re-seeded.
     """
     return ["finetune", "test_resnet", "--data", str(data), "--out", str(out), "--no-pretrained", "--epochs", "3",
-            "--batch-size", "4", "--input-size", "32", "--workers", str(workers), "--warmup-epochs", "0.5",
+            "--batch-size", "4", "--input-size", "32", "--workers", str(workers), "--threads", "1", "--warmup-epochs", "0.5",
             "--auto-augment", "none", "--patience", "0", "--lr", "3e-3", "--drop-path", "0.1", "--mixup", "0.2"]
 
 

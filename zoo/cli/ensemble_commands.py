@@ -135,6 +135,17 @@ def fit_command(sources, out, method, metric, combine, calibrate, cv, seed, spli
     _err(f"wrote {out}")
 
 
+def _member_predictions(sources, data, split: str, which: str = ""):
+    """The members' prediction files, or None when --data will run their checkpoints; one of the two."""
+    from ensemble.predict import load_prediction_sources
+
+    if data is not None and sources:
+        raise click.UsageError("pass --data or prediction files, not both")
+    if data is None and not sources:
+        raise click.UsageError(f"pass --data DIR to predict images, or the members' prediction files{which}")
+    return load_prediction_sources(sources, split) if sources else None
+
+
 def _member_sources(data_help: str, split_help: str):
     """The options of commands that take members' predictions from images (--data) or from files."""
     options = [
@@ -173,15 +184,11 @@ def predict_command(ensemble_file, sources, data, split, tta, batch_size, device
     zoo ensemble predict ens.json runs/*/predictions/test.safetensors --out test.safetensors
     """
     from ensemble.metrics import score_table
-    from ensemble.predict import load_prediction_sources, predict_ensemble
+    from ensemble.predict import predict_ensemble
     from zoo.predictions import check_output_path, write_output
 
     check_output_path(out)
-    if data is not None and sources:
-        raise click.UsageError("pass --data or prediction files, not both")
-    if data is None and not sources:
-        raise click.UsageError("pass --data DIR to predict images, or the members' prediction files")
-    preds = load_prediction_sources(sources, split) if sources else None
+    preds = _member_predictions(sources, data, split)
     result = predict_ensemble(ensemble_file, predictions=preds, data=data, split=split, tta=tta, batch_size=batch_size,
                               device=device, log=_err)
     write_output(out, result)
@@ -211,14 +218,9 @@ def score_command(ensemble_file, sources, data, split, tta, batch_size, device, 
     zoo ensemble score ens.json --data data/ --split test
     zoo ensemble score ens.json runs/* --split test --out holdout.csv
     """
-    from ensemble.predict import load_prediction_sources
     from ensemble.score import format_score_table, score_ensemble, write_score_table
 
-    if data is not None and sources:
-        raise click.UsageError("pass --data or prediction files, not both")
-    if data is None and not sources:
-        raise click.UsageError("pass --data DIR to predict images, or the members' prediction files (dropped members too)")
-    preds = load_prediction_sources(sources, split) if sources else None
+    preds = _member_predictions(sources, data, split, " (dropped members too)")
     table = score_ensemble(ensemble_file, predictions=preds, data=data, split=split, tta=tta, batch_size=batch_size,
                            device=device, log=_err)
     click.echo(format_score_table(table))
