@@ -19,7 +19,7 @@ from zoo.backbones import load_run_model
 from zoo.cpu import apply_budget, cpu_budget
 from zoo.data import check_images, read_prediction_images
 from zoo.errors import UserInputError
-from zoo.predictions import Predictions
+from zoo.predictions import Predictions, mean_log_probability
 from zoo.progress import progress
 from zoo.rundir import RunDir
 
@@ -165,14 +165,10 @@ def predict_run(run: str | os.PathLike, data: str | os.PathLike, split: str = "t
         good = [s for part in parts for s in part]
         split = "oof" if len(model_runs) > 1 else "val"
     else:  # every model predicts every image; a cross-fit averages its fold models' probabilities
-        probabilities = None
-        for model_run in model_runs:
-            logits, labels = _predict(model_run, root, good, hardware, views, batch_size, budget.workers, budget.share,
-                                      _desc(model_run, model_runs), progress)
-            p = torch.softmax(torch.from_numpy(logits).double(), dim=1)
-            probabilities = p if probabilities is None else probabilities + p
-        if len(model_runs) > 1:
-            logits = torch.log((probabilities / len(model_runs)).clamp_min(1e-30)).float().numpy()
+        outputs = [_predict(model_run, root, good, hardware, views, batch_size, budget.workers, budget.share,
+                            _desc(model_run, model_runs), progress) for model_run in model_runs]
+        labels = outputs[0][1]
+        logits = outputs[0][0] if len(outputs) == 1 else mean_log_probability([o[0] for o in outputs])
     return Predictions(logits=logits, labels=labels, ids=[s.id for s in good], classes=config["classes"],
                        backbone=config["backbone"], run=str(Path(run).resolve()), split=split, tta=tta)
 

@@ -29,7 +29,7 @@ from finetune.train import FinetuneResult, TrainingInterrupted, finetune
 from zoo import atomic
 from zoo.data import CLASS_ORDER, read_listing
 from zoo.errors import UserInputError
-from zoo.folds import assign_folds, folds_record, pool_and_holdout, write_folds
+from zoo.folds import assign_folds, fold_sizes, folds_record, pool_and_holdout, write_folds
 from zoo.predictions import Predictions, mean_probability, read_predictions, write_predictions
 from zoo.progress import progress as progress_bar
 from zoo.rundir import RunDir
@@ -71,8 +71,7 @@ def finetune_folds(cfg: FinetuneConfig, *, log=stderr_log, progress: bool | None
         if dist.is_main:
             write_cross_fit_parent(run, cfg, listing.classes, folds, holdout_split="val" if holdout else None)
         dist.barrier()
-        sizes = [sum(1 for f in folds.values() if f == i) for i in range(1, cfg.folds + 1)]
-        log(f"cross-fitting {cfg.backbone}: {len(pool)} pool images ({cfg.pool}) in {cfg.folds} folds of {sizes} "
+        log(f"cross-fitting {cfg.backbone}: {len(pool)} pool images ({cfg.pool}) in {cfg.folds} folds of {fold_sizes(folds, cfg.folds)} "
             f"(--fold-seed {cfg.fold_seed}); holdout: " + (f"{len(holdout)} val/ images, never trained or selected on"
                                                            if holdout else "none"))
         result = CrossFitResult(run, cfg.folds, {}, [], False, {}, rank=dist.rank)

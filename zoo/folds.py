@@ -76,10 +76,15 @@ def fold_dataset(dataset: Dataset, k: int, seed: int, fold: int, pool: str = "tr
                    val_source=f"fold {fold} of {k}", warnings=dataset.warnings)
 
 
+def fold_sizes(folds: dict[str, int], k: int) -> list[int]:
+    """How many ids each of the k folds holds."""
+    return [sum(1 for f in folds.values() if f == i) for i in range(1, k + 1)]
+
+
 def folds_record(folds: dict[str, int], k: int, seed: int, pool: str, holdout: str | None) -> dict[str, Any]:
     """What ``folds.json`` holds."""
     return {"k": k, "fold_seed": seed, "pool": pool, "holdout": holdout,
-            "sizes": [sum(1 for f in folds.values() if f == i) for i in range(1, k + 1)], "folds": folds}
+            "sizes": fold_sizes(folds, k), "folds": folds}
 
 
 def write_folds(run_root: str | os.PathLike, record: dict[str, Any]) -> Path:

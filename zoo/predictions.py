@@ -55,10 +55,7 @@ class Predictions:
         return Path(self.source).stem if self.source else self.backbone
 
     def probabilities(self) -> np.ndarray:
-        z = self.logits.astype(np.float64)
-        z = z - z.max(axis=1, keepdims=True)
-        p = np.exp(z)
-        return p / p.sum(axis=1, keepdims=True)
+        return softmax(self.logits)
 
     def log_probabilities(self) -> np.ndarray:
         z = self.logits.astype(np.float64)
@@ -219,13 +216,26 @@ def align_predictions(preds: Sequence[Predictions]) -> list[Predictions]:
     return out
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def mean_log_probability(logits: Sequence[np.ndarray]) -> np.ndarray:
+    """Log of the mean probability of several models' logits over the same rows [N, C] (float32):
+    how a cross-fit's fold models are combined, in files and in ``predict_run`` alike."""
+    return np.log(np.clip(np.mean([softmax(z) for z in logits], axis=0), 1e-30, None)).astype(np.float32)
+
+
 def mean_probability(preds: Sequence[Predictions], **metadata) -> Predictions:
     """One prediction set whose probabilities are the mean of ``preds``' (aligned by id); ``metadata``:
     ``backbone``, ``run``, ``split`` of the result."""
     aligned = align_predictions(preds)
-    probabilities = np.mean([p.probabilities() for p in aligned], axis=0)
     first = aligned[0]
-    return Predictions(logits=np.log(np.clip(probabilities, 1e-30, None)), labels=first.labels, ids=first.ids,
+    return Predictions(logits=mean_log_probability([p.logits for p in aligned]), labels=first.labels, ids=first.ids,
                        classes=first.classes, tta=first.tta, **metadata)
 
 
