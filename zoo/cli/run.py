@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -104,6 +105,15 @@ def _train_member(spec: MemberSpec, cfg, run: RunDir, result: RunResult, log, st
                              f"asks for {'--folds ' + str(cfg.folds) if cfg.folds else 'no --folds'}; keep the option it "
                              "started with, or choose another --out")
     member_log = (lambda m: log("    " + m) if m.startswith(_SHOWN) or " -> " in m else None)
+    if cfg.linear_probe:  # seconds, no epochs and no resume state: an unfinished probe is redone from scratch
+        from finetune.probe import linear_probe
+
+        if run.is_run():
+            shutil.rmtree(run.root)  # zoo's own partial output (no result.json), never a user's file
+        log(f"  {spec.name}: linear probe of {cfg.backbone}{' (' + str(cfg.folds) + ' folds)' if cfg.folds else ''} -> {run.root}")
+        result.trained.append(spec.name)
+        member_log(linear_probe(cfg, log=member_log).summary + " -> " + str(run.root))
+        return True
     resume = (run.resume_state.is_file() or any(r.resume_state.is_file() for r in run.fold_runs())) and run.is_run()
     log(f"  {spec.name}: {'continuing ' + cfg.backbone + ' from its resume state' if resume else 'fine-tuning ' + cfg.backbone}"
         f"{' (' + str(cfg.folds) + ' folds)' if cfg.folds else ''} -> {run.root}")

@@ -14,8 +14,8 @@ from typing import Any
 from zoo.errors import UserInputError
 
 # Options that the run sets for every member alike, never per member.
-RUN_LEVEL_OPTIONS = frozenset({"backbone", "data", "out", "resume", "fold", "folds", "fold_seed", "pool", "val_from_train",
-                               "linear_probe", "probe_views"})
+# (linear_probe and probe_views are per member: a zoo may mix probes and fine-tunes of one backbone.)
+RUN_LEVEL_OPTIONS = frozenset({"backbone", "data", "out", "resume", "fold", "folds", "fold_seed", "pool", "val_from_train"})
 # A small, architecturally diverse zoo per device kind: a ResNet, an EfficientNet, a ViT.
 DEFAULT_ZOOS: dict[str, tuple[tuple[str, str], ...]] = {
     "cpu": (("resnet18", "resnet18.a1_in1k"), ("lite0", "tf_efficientnet_lite0.in1k"),

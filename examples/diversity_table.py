@@ -1,0 +1,101 @@
+"""The tables of README's "Where diversity comes from", from what ``examples/diversity.sh`` wrote into OUT.
+
+    python examples/diversity_table.py OUT
+
+Members: out-of-fold and holdout scores from each cross-fit's ``result.json``, wall time from
+``OUT/times.tsv`` (the snapshots share their one run's time). Ensembles: the holdout tables
+``zoo ensemble score`` saved, each ensemble's cost being the summed wall time of the runs fitted
+into it. The best single model is the member with the lowest out-of-fold log loss: chosen, like the
+weights, without looking at the holdout. Beside each ensemble: a paired bootstrap of the holdout
+images (10,000 resamples) of its log loss minus the best single model's, with a 95% interval.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from zoo.predictions import read_predictions
+
+MEMBERS = {  # name in the tables: (run directory under OUT, the timed run it came from, how it was made)
+    "ft0": ("ft0", "ft0", "lite0 fine-tuned: 5 folds x 6 epochs, fresh head, best epoch per fold"),
+    "lp0": ("lp0", "lp0", "lite0 linear probe: features once, 5 logistic regressions"),
+    "lpft0": ("lpft0", "lpft0", "lite0 LP-FT: each fold fine-tuned from its probe's head, scaled"),
+    "snapshot-1": ("snap0/snapshot-1", "snap0", "lite0 snapshot 1 of 3 (5 folds x 7 epochs, 3 cosine cycles)"),
+    "snapshot-2": ("snap0/snapshot-2", "snap0", "lite0 snapshot 2 of 3"),
+    "snapshot-3": ("snap0/snapshot-3", "snap0", "lite0 snapshot 3 of 3"),
+    "lp1": ("lp1", "lp1", "lite1 linear probe"),
+    "lp2": ("lp2", "lp2", "lite2 linear probe"),
+}
+ENSEMBLES = {"lite0": "the lite0 kinds (ft0, lp0, lpft0, 3 snapshots)", "probes12": "lp1 + lp2", "all": "all eight"}
+
+
+def main(out: Path) -> None:
+    times = dict(line.split("\t") for line in (out / "times.tsv").read_text().split("\n") if line.strip())
+    times = {name: float(seconds) for name, seconds in times.items()}
+    print("| member | how | out-of-fold acc / log loss | holdout acc / log loss | wall time |")
+    print("|---|---|---|---|---|")
+    oof_loss = {}
+    for name, (path, timed, how) in MEMBERS.items():
+        scores = json.loads((out / path / "result.json").read_text())["scores"]
+        oof_loss[name] = scores["oof"]["log_loss"]
+        cell = lambda s: f"{s['accuracy']:.3f} / {s['log_loss']:.4f}"  # noqa: E731
+        shared = " (the run)" if timed != path else ""
+        print(f"| {name} | {how} | {cell(scores['oof'])} | {cell(scores['holdout'])} | {times[timed]:.0f} s{shared} |")
+    soup = json.loads((out / "soup0" / "result.json").read_text())
+    print(f"| soup0 | ft0's 5 fold models, uniform soup, BatchNorm averaged: one model | - | "
+          f"{soup['val_accuracy']:.3f} / {soup['val_loss']:.4f} | {times['soup0']:.0f} s after ft0 |")
+
+    best = min(oof_loss, key=oof_loss.get)
+    best_time = times[MEMBERS[best][1]]
+    print(f"\nbest single model (lowest out-of-fold log loss): {best}, {best_time:.0f} s\n")
+    print("| ensemble | members fitted | weights | holdout acc / log loss | best member in it (holdout) | "
+          "equal weights | cost (wall time) | x best single model's time | log loss - best single model's (95% bootstrap) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    single = read_predictions(out / MEMBERS[best][0] / "predictions" / "val.safetensors")
+    for name, what in ENSEMBLES.items():
+        rows = {row["name"]: row for row in csv.DictReader((out / f"holdout-{name}.csv").open())}
+        fitted = json.loads((out / f"ensemble-{name}.json").read_text())
+        weights = ", ".join(f"{m['name']} {m['weight']:.2f}" for m in fitted["members"])
+        runs = {MEMBERS[m][1] for m in rows if m in MEMBERS}
+        cost = sum(times[r] for r in runs)
+        members = [r for r in rows.values() if r["kind"] in ("member", "dropped member")]
+        top = min(members, key=lambda r: float(r["log_loss"]))
+        ens, equal = rows["ensemble"], rows["equal weights"]
+        print(f"| {name} | {what} | {weights} | {float(ens['accuracy']):.3f} / {float(ens['log_loss']):.4f} | "
+              f"{top['name']} {float(top['accuracy']):.3f} / {float(top['log_loss']):.4f} | "
+              f"{float(equal['accuracy']):.3f} / {float(equal['log_loss']):.4f} | {cost:.0f} s | {cost / best_time:.2f} | "
+              f"{paired_bootstrap(read_predictions(out / f'holdout-{name}.safetensors'), single)} |")
+
+    for kind, title in (("prob_corr", "probability correlation"), ("correct_corr", "correlation of correctness (1: wrong on the same images)")):
+        rows = list(csv.reader((out / "correlation" / f"matrix_{kind}.csv").open()))
+        print(f"\nout-of-fold {title}:\n")
+        print("| | " + " | ".join(rows[0][1:]) + " |")
+        print("|---" * len(rows[0]) + "|")
+        for row in rows[1:]:
+            print(f"| {row[0]} | " + " | ".join(f"{float(v):.2f}" for v in row[1:]) + " |")
+
+
+def paired_bootstrap(ensemble, single, resamples: int = 10_000, seed: int = 0) -> str:
+    """Mean per-image log loss of ``ensemble`` minus ``single`` on the same images, with a bootstrap 95% interval."""
+    order = {image: row for row, image in enumerate(single.ids)}
+    if sorted(order) != sorted(ensemble.ids):
+        raise ValueError("the ensemble's and the single model's holdout predictions cover different images")
+    rows = [order[image] for image in ensemble.ids]
+    labels = np.asarray(single.labels)[rows]
+    picked = lambda logp: -logp[np.arange(len(labels)), labels]  # noqa: E731
+    difference = picked(ensemble.log_probabilities()) - picked(single.log_probabilities()[rows])
+    draws = np.random.default_rng(seed).integers(0, len(difference), (resamples, len(difference)))
+    means = difference[draws].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return f"{difference.mean():+.4f} [{low:+.4f}, {high:+.4f}]; lower in {np.mean(means < 0):.0%} of resamples"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python examples/diversity_table.py OUT (the folder examples/diversity.sh wrote)")
+    main(Path(sys.argv[1]))
