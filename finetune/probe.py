@@ -27,7 +27,8 @@ ordinary one: ``zoo predict``, ``correlate``, ``ensemble fit`` and ``soup`` take
   end). So LP-FT fits the probe on at least ``LPFT_VIEWS`` augmented views per image too,
   and scales the head by the one factor (at most 1) that minimises the training loss,
   label smoothing included, on those augmented views: the fine-tune starts at the
-  minimum of its own loss along the probe's direction.
+  minimum of its own loss along the probe's direction. (Mixup and CutMix targets are not
+  modelled: with them the head starts somewhat more confident than their loss wants.)
 """
 
 from __future__ import annotations
