@@ -39,6 +39,10 @@ for v in 0 1 2; do
 done
 member ft0 zoo finetune $(lite 0) --epochs "$EPOCHS" --out "$OUT/ft0"                      # fine-tuned, fresh head
 member lpft0 zoo finetune $(lite 0) --epochs "$EPOCHS" --head-init probe --out "$OUT/lpft0" # LP-FT: each fold from its own probe
+# LP-FT again with 2 epochs (1 warmup, 1 cosine): the 6-epoch LP-FT picked epoch 1 in 4 of its 5 folds
+# (on the held-out folds, not on val/). And the same short LP-FT for lite2, the best probe's backbone.
+member lpft0-2ep zoo finetune $(lite 0) --epochs 2 --head-init probe --out "$OUT/lpft0-2ep"
+member lpft2-2ep zoo finetune $(lite 2) --epochs 2 --head-init probe --out "$OUT/lpft2-2ep"
 # Snapshot members: 1 warmup epoch, then 3 cosine cycles of 2 epochs, a member at the end of each.
 member snap0 zoo finetune $(lite 0) --epochs 7 --warmup-epochs 1 --restarts 2 --snapshots --out "$OUT/snap0"
 # One model from the K fold models of the fine-tuned member (uniform: no rows are held out from
@@ -46,8 +50,8 @@ member snap0 zoo finetune $(lite 0) --epochs 7 --warmup-epochs 1 --restarts 2 --
 # compared on the holdout, not fitted into the ensembles.
 member soup0 zoo soup "$OUT/ft0" --out "$OUT/soup0" "${THREADS[@]}"
 
-LITE0=("$OUT"/{ft0,lp0,lpft0} "$OUT"/snap0/snapshot-{1,2,3})
-ALL=("${LITE0[@]}" "$OUT"/lp{1,2})
+LITE0=("$OUT"/{ft0,lp0,lpft0,lpft0-2ep} "$OUT"/snap0/snapshot-{1,2,3})
+ALL=("${LITE0[@]}" "$OUT"/{lp1,lp2,lpft2-2ep})
 zoo correlate "${ALL[@]}" --out "$OUT/correlation"                       # on out-of-fold predictions (--split auto)
 holdout() { printf '%s/predictions/val.safetensors ' "$@"; }
 for name in lite0 probes12 all; do
