@@ -37,6 +37,10 @@ member() {
 for v in 0 1 2; do
   member lp$v zoo finetune $(lite $v) --linear-probe --out "$OUT/lp$v"
 done
+# The same probes fitted on 4 augmented views of each train image as well (the train transform).
+for v in 1 2; do
+  member lp$v-v4 zoo finetune $(lite $v) --linear-probe --probe-views 4 --out "$OUT/lp$v-v4"
+done
 member ft0 zoo finetune $(lite 0) --epochs "$EPOCHS" --out "$OUT/ft0"                      # fine-tuned, fresh head
 member lpft0 zoo finetune $(lite 0) --epochs "$EPOCHS" --head-init probe --out "$OUT/lpft0" # LP-FT: each fold from its own probe
 # LP-FT again with 2 epochs (1 warmup, 1 cosine): the 6-epoch LP-FT picked epoch 1 in 4 of its 5 folds
@@ -51,13 +55,16 @@ member snap0 zoo finetune $(lite 0) --epochs 7 --warmup-epochs 1 --restarts 2 --
 member soup0 zoo soup "$OUT/ft0" --out "$OUT/soup0" "${THREADS[@]}"
 
 LITE0=("$OUT"/{ft0,lp0,lpft0,lpft0-2ep} "$OUT"/snap0/snapshot-{1,2,3})
-ALL=("${LITE0[@]}" "$OUT"/{lp1,lp2,lpft2-2ep})
+PROBES=("$OUT"/{lp0,lp1,lp2,lp1-v4,lp2-v4})
+ALL=("${LITE0[@]}" "$OUT"/{lp1,lp2,lp1-v4,lp2-v4,lpft2-2ep})
 zoo correlate "${ALL[@]}" --out "$OUT/correlation"                       # on out-of-fold predictions (--split auto)
 holdout() { printf '%s/predictions/val.safetensors ' "$@"; }
-for name in lite0 probes12 all; do
+for name in lite0 probes12 views probes all; do
   case $name in
     lite0) members=("${LITE0[@]}") ;;        # the kinds of member, one backbone
-    probes12) members=("$OUT"/lp{1,2}) ;;    # the two best probes: the cheap ensemble
+    probes12) members=("$OUT"/lp{1,2}) ;;    # the two best center-crop probes: the cheap ensemble
+    views) members=("$OUT"/lp{1,2}-v4) ;;    # the same with augmented views
+    probes) members=("${PROBES[@]}") ;;
     all) members=("${ALL[@]}") ;;
   esac
   zoo ensemble fit "${members[@]}" --out "$OUT/ensemble-$name.json"     # weights on out-of-fold predictions

@@ -32,10 +32,12 @@ MEMBERS = {  # name in the tables: (run directory under OUT, the timed run it ca
     "snapshot-3": ("snap0/snapshot-3", "snap0", "lite0 snapshot 3 of 3"),
     "lp1": ("lp1", "lp1", "lite1 linear probe"),
     "lp2": ("lp2", "lp2", "lite2 linear probe"),
+    "lp1-v4": ("lp1-v4", "lp1-v4", "lite1 linear probe, center crops + 4 augmented views per train image"),
+    "lp2-v4": ("lp2-v4", "lp2-v4", "lite2 linear probe, center crops + 4 augmented views"),
     "lpft2-2ep": ("lpft2-2ep", "lpft2-2ep", "lite2 LP-FT, 2 epochs"),
 }
 ENSEMBLES = {"lite0": "the lite0 kinds (ft0, lp0, lpft0, lpft0-2ep, 3 snapshots)", "probes12": "lp1 + lp2",
-             "all": "all ten"}
+             "views": "lp1-v4 + lp2-v4", "probes": "the five probes", "all": "all twelve"}
 
 
 def main(out: Path) -> None:
@@ -62,7 +64,7 @@ def main(out: Path) -> None:
           "out-of-fold log loss: holdout | ensemble - that member, holdout log loss (95% bootstrap) | cost (wall time) | "
           "x that member's time |")
     print("|---|---|---|---|---|---|---|---|---|")
-    met = []
+    ensembles = {}  # name: (holdout log loss, cost)
     for name, what in ENSEMBLES.items():
         rows = {row["name"]: row for row in csv.DictReader((out / f"holdout-{name}.csv").open())}
         fitted = json.loads((out / f"ensemble-{name}.json").read_text())
@@ -77,11 +79,21 @@ def main(out: Path) -> None:
               f"{top} {float(rows[top]['accuracy']):.3f} / {float(rows[top]['log_loss']):.4f} | "
               f"{paired_bootstrap(read_predictions(out / f'holdout-{name}.safetensors'), holdout(top))} | "
               f"{cost:.0f} s | {cost / top_time:.2f} |")
-        if top == best and float(ens["log_loss"]) < float(rows[best]["log_loss"]) and cost < 2 * best_time:
-            met.append(f"{name} ({float(ens['log_loss']):.4f} against {float(rows[best]['log_loss']):.4f}, "
-                       f"{cost / best_time:.2f}x {best}'s time)")
-    print(f"\ngoal (an ensemble below the best single model's holdout log loss for less than twice its training time): "
-          + (f"met by {'; '.join(met)}" if met else "not met"))
+        ensembles[name] = (float(ens["log_loss"]), cost)
+
+    holdout_loss = {m: json.loads((out / MEMBERS[m][0] / "result.json").read_text())["scores"]["holdout"]["log_loss"]
+                    for m in MEMBERS}
+    # The goal, against the best single model by out-of-fold log loss (chosen without the holdout, as the weights
+    # are), and against the hardest bar: the member best on the holdout itself (chosen on it, so flattering to it).
+    hardest = min(holdout_loss, key=holdout_loss.get)
+    for label, single in (("the best single model by out-of-fold log loss", best),
+                          ("the hardest bar, the best member on the holdout itself", hardest)):
+        loss, seconds = holdout_loss[single], times[MEMBERS[single][1]]
+        met = [f"{name} ({e_loss:.4f}, {e_cost / seconds:.2f}x; "
+               f"{paired_bootstrap(read_predictions(out / f'holdout-{name}.safetensors'), holdout(single))})"
+               for name, (e_loss, e_cost) in ensembles.items() if e_loss < loss and e_cost < 2 * seconds]
+        print(f"\ngoal against {label}, {single} (holdout log loss {loss:.4f}, {seconds:.0f} s): an ensemble below it "
+              f"for less than twice its time: " + (f"met by {'; '.join(met)}" if met else "not met"))
 
     for kind, title in (("prob_corr", "probability correlation"), ("correct_corr", "correlation of correctness (1: wrong on the same images)")):
         rows = list(csv.reader((out / "correlation" / f"matrix_{kind}.csv").open()))
