@@ -151,6 +151,12 @@ def test_a_zoo_mixes_linear_probe_and_fine_tuned_members(data, tmp_path, monkeyp
     monkeypatch.setattr(train.Trainer, "train_epoch", lambda *a, **k: pytest.fail("a finished member was trained again"))
     again = _run(data, out, members, folds=2)
     assert again.trained == ["resnet-probe"] and again.skipped == ["resnet"] and probe.result.is_file()
+    # An unfinished fine-tune is never thrown away because the zoo file now calls that member a probe.
+    fine_tuned = RunDir(out / "members" / "resnet")
+    (fine_tuned.root / "result.json").unlink()
+    with pytest.raises(UserInputError, match="holds an unfinished fine-tune"):
+        _run(data, out, [MemberSpec("resnet", "test_resnet", options={"linear_probe": True}), members[0]], folds=2)
+    assert fine_tuned.fold_run(1).model.is_file()
 
 
 def test_a_zoo_file_member_may_be_a_probe_of_a_backbone_another_member_fine_tunes(tmp_path):

@@ -109,7 +109,10 @@ def _train_member(spec: MemberSpec, cfg, run: RunDir, result: RunResult, log, st
         from finetune.probe import linear_probe
 
         if run.is_run():
-            shutil.rmtree(run.root)  # zoo's own partial output (no result.json), never a user's file
+            if not run.read_config().get("options", {}).get("linear_probe"):
+                raise UserInputError(f"{run.root}: holds an unfinished fine-tune, but member {spec.name} is now a linear "
+                                     "probe; finish it with the options it started with, or delete that folder")
+            shutil.rmtree(run.root)  # a probe cut off before its result.json: zoo's own partial output, redone in seconds
         log(f"  {spec.name}: linear probe of {cfg.backbone}{' (' + str(cfg.folds) + ' folds)' if cfg.folds else ''} -> {run.root}")
         result.trained.append(spec.name)
         member_log(linear_probe(cfg, log=member_log).summary + " -> " + str(run.root))
