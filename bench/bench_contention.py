@@ -63,20 +63,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def make_images(root: Path, per_class: int, size: int = 72) -> Path:
-    """train/ and val/ of 3 classes of coloured noise (a class is a colour), as PNG files."""
-    import numpy as np
-    from PIL import Image
+    """train/ and val/ of 3 classes of coloured noise (a class is a colour), as PNG files: the tests'
+    ``make_image_folder`` (tests/conftest.py, which needs pytest installed)."""
+    from tests.conftest import make_image_folder
 
-    rng = np.random.default_rng(0)
-    for split, n in (("train", per_class), ("val", max(2, per_class // 3))):
-        for c, name in enumerate(("red", "green", "blue")):
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                pixels = rng.integers(0, 90, (size, size, 3)).astype(np.uint8)
-                pixels[..., c] += 140
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-    return root
+    return make_image_folder(root, classes=("red", "green", "blue"), per_class=(per_class, max(2, per_class // 3), 0),
+                             size=(size, size))
 
 
 @dataclass

@@ -18,7 +18,7 @@ from ensemble.calibration import TemperatureScaler, apply_temperature
 from ensemble.combine import COMBINE_RULES, combine
 from ensemble.diversity import PAIRWISE_MEASURES, CorrelationReport, correlate, kuncheva_whitaker_kappa, write_correlation
 from ensemble.file import read_ensemble, write_ensemble
-from ensemble.fit import cross_validate, cv_folds, fit_ensemble, read_members
+from ensemble.fit import cv_folds, fit_ensemble, read_members
 from ensemble.metrics import METRICS, SEARCHABLE_METRICS, expected_calibration_error
 from ensemble.model import Ensemble, Member
 from ensemble.predict import predict_ensemble
@@ -31,7 +31,7 @@ from ensemble.weights import (WEIGHT_SEARCHES, GreedyWeights, RandomWeights, Sls
 __all__ = [
     "COMBINE_RULES", "METRICS", "PAIRWISE_MEASURES", "SEARCHABLE_METRICS", "WEIGHT_SEARCHES",
     "CorrelationReport", "Ensemble", "GreedyWeights", "Member", "RandomWeights", "SlsqpWeights", "StackingCombiner",
-    "TemperatureScaler", "apply_temperature", "combine", "correlate", "cross_validate", "cv_folds",
+    "TemperatureScaler", "apply_temperature", "combine", "correlate", "cv_folds",
     "expected_calibration_error", "fit_ensemble", "format_correlation", "format_fit_report", "kuncheva_whitaker_kappa",
     "make_search", "predict_ensemble", "read_ensemble", "read_members", "ScoreTable", "score_ensemble", "search_kwargs", "write_correlation", "write_ensemble",
     "write_output",

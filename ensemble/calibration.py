@@ -38,12 +38,11 @@ def log_softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
 def log_softmax_into(z: np.ndarray, out: np.ndarray) -> np.ndarray:
     """``log_softmax(z)`` over the last axis of a 2-D ``z``, written into ``out`` (which may be ``z``)
     block by block: no temporary as large as ``z``."""
-    rows = max(1, _BLOCK_VALUES // max(z.shape[1], 1))
-    for start in range(0, len(z), rows):
-        block = z[start:start + rows]
+    for start, stop in row_blocks(len(z), z.shape[1]):
+        block = z[start:stop]
         x = np.subtract(block, block.max(axis=1, keepdims=True), dtype=out.dtype)
         lse = np.log(np.exp(x).sum(axis=1, keepdims=True))
-        np.subtract(x, lse, out=out[start:start + rows])
+        np.subtract(x, lse, out=out[start:stop])
     return out
 
 
@@ -180,11 +179,6 @@ class TemperatureScaler:
         asked for more (``at_bound``).
     xatol : float
         Relative tolerance on s = 1/T (1e-6: the log loss is flat to ~1e-12 there).
-    max_rows : int or None
-        Fit on a seeded sample of at most this many rows (None: all). One scalar needs
-        far fewer rows than there usually are: see ``ensemble.fit.TEMPERATURE_ROWS``.
-    seed : int
-        Seed of that sample.
 
     Attributes
     ----------
@@ -195,12 +189,9 @@ class TemperatureScaler:
         Log loss (of the rows fitted on) at T = 1 and at the fitted T.
     """
 
-    def __init__(self, bounds: tuple[float, float] = TEMPERATURE_BOUNDS, xatol: float = 1e-6,
-                 max_rows: int | None = None, seed: int = 0):
+    def __init__(self, bounds: tuple[float, float] = TEMPERATURE_BOUNDS, xatol: float = 1e-6):
         self.bounds = bounds
         self.xatol = xatol
-        self.max_rows = max_rows
-        self.seed = seed
 
     def _validate_params(self) -> None:
         low, high = self.bounds
@@ -208,8 +199,6 @@ class TemperatureScaler:
             raise ValueError(f"bounds: expected 0 < low < 1 < high (finite), got {self.bounds}")
         if not self.xatol > 0:
             raise ValueError(f"xatol: expected a positive tolerance, got {self.xatol}")
-        if not (self.max_rows is None or (isinstance(self.max_rows, int) and self.max_rows >= 1)):
-            raise ValueError(f"max_rows: expected None or an integer >= 1, got {self.max_rows!r}")
 
     def fit(self, logits: np.ndarray, labels: np.ndarray) -> "TemperatureScaler":
         self._validate_params()
@@ -221,8 +210,7 @@ class TemperatureScaler:
             raise ValueError(f"labels: expected shape ({logits.shape[0]},) with N > 0 to match logits {logits.shape}, got {labels.shape}")
         if logits.dtype != np.float32:
             logits = logits.astype(np.float32)
-        rows = subsample_rows(len(labels), self.max_rows, self.seed)
-        result = fit_temperature(logits, labels.astype(np.int64, copy=False), rows, self.bounds, self.xatol)
+        result = fit_temperature(logits, labels.astype(np.int64, copy=False), None, self.bounds, self.xatol)
         self.temperature_ = result.temperature
         self.log_loss_after_ = result.log_loss
         self.log_loss_before_ = result.log_loss_at_one

@@ -40,7 +40,7 @@ import numpy as np
 from ensemble.calibration import at_bound, fit_temperature, log_softmax_into, subsample_rows, TEMPERATURE_BOUNDS
 from ensemble.combine import combine, get_combine_rule
 from ensemble.metrics import RowStats, get_metric, reported_metrics, row_stats
-from ensemble.members import check_oof_members, member_names, member_run
+from ensemble.members import check_oof_members, check_same_kind_of_rows, member_names, member_run
 from ensemble.model import Ensemble, Member
 from ensemble.weights import ZERO_WEIGHT, ConvergenceWarning, blas_threads, get_weight_search, make_search
 from zoo.errors import UserInputError
@@ -104,7 +104,8 @@ def read_members(sources: Sequence[str | os.PathLike], split: str = "auto") -> M
     What ``load_prediction_sources`` then ``align_predictions`` do, without holding every
     file's logits and the stack at once: each file's rows are aligned to the first file's
     ids and written, as log-probabilities, into its row of the stack; its own logits are
-    then dropped (its ``Predictions`` keeps a view of the stack).
+    then dropped (its ``Predictions`` keeps a view of the stack). Labels and the folds of
+    out-of-fold members are checked once, by ``fit_ensemble`` (``prepare_members``).
     """
     from ensemble.predict import resolve_split
 
@@ -122,13 +123,8 @@ def read_members(sources: Sequence[str | os.PathLike], split: str = "auto") -> M
         log_softmax_into(p.logits, stack[j])
         p.logits = stack[j]
         preds.append(p)
-    # As load_prediction_sources refuses it: out-of-fold rows are the whole pool, not a validation split.
-    oof = [p for p in preds if p.split == "oof"]
-    if oof and len(oof) < len(preds):
-        other = next(p for p in preds if p.split != "oof")
-        raise UserInputError(f"{oof[0].source} holds out-of-fold predictions but {other.source or other.name} holds "
-                             f"{other.split or 'other'} predictions; every member must be scored on the same kind of rows")
-    return _checked(MemberStack(preds, stack, preds[0].labels))
+    check_same_kind_of_rows(preds)  # as load_prediction_sources does
+    return MemberStack(preds, stack, preds[0].labels)  # checked once, by prepare_members
 
 
 def prepare_members(members: Sequence[Predictions] | MemberStack) -> MemberStack:
@@ -328,19 +324,6 @@ def _cv_scores(labels: np.ndarray, n_classes: int, spec: FitSpec, folds, results
     result["ensemble_by_fold"] = by_fold
     result["best_member_picks"] = picks
     return result
-
-
-def cross_validate(log_probs: np.ndarray, labels: np.ndarray, spec: FitSpec, k: int, seed: int = 0,
-                   progress: bool | None = None) -> dict[str, Any]:
-    """Scores of the ensemble and the baselines on held-out folds: each fold is predicted
-    by a fit that never saw it (temperatures included). Scores are computed on the pooled
-    out-of-fold predictions; ``ensemble_by_fold`` holds the target metric of each fold."""
-    folds = cv_folds(labels, k, seed)
-    with blas_threads():
-        results = _fits(log_probs, labels, spec, False, folds, progress)
-    out = _cv_scores(labels, log_probs.shape[2], spec, folds, results)
-    out["seed"] = seed
-    return out
 
 
 # ---------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from zoo.errors import UserInputError
 from zoo.folds import check_same_folds
 from zoo.predictions import Predictions
 from zoo.rundir import RunDir
@@ -52,3 +53,13 @@ def check_oof_members(preds: Sequence[Predictions]) -> None:
     oof = [p for p in preds if p.split == "oof"]
     if oof:
         check_same_folds([(p.source or p.name, member_run(p)) for p in oof])
+
+
+def check_same_kind_of_rows(preds: Sequence[Predictions]) -> None:
+    """Refuse out-of-fold members mixed with others: out-of-fold rows are the whole pool,
+    not a validation split."""
+    oof = [p for p in preds if p.split == "oof"]
+    if oof and len(oof) < len(preds):
+        other = next(p for p in preds if p.split != "oof")
+        raise UserInputError(f"{oof[0].source} holds out-of-fold predictions but {other.source or other.name} holds "
+                             f"{other.split or 'other'} predictions; every member must be scored on the same kind of rows")

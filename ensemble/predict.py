@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ensemble.file import read_ensemble
-from ensemble.members import member_run
+from ensemble.members import check_same_kind_of_rows, member_run
 from ensemble.model import Ensemble, Member
 from zoo.errors import UserInputError
 from zoo.predictions import Predictions, align_predictions, load_predictions
@@ -40,6 +40,30 @@ def _file_run(pred: Predictions) -> str | None:
     return str(run) if run is not None else (pred.run or None)
 
 
+def match_by_run_or_backbone(members: Sequence[Member], preds: Sequence[Predictions], classes: list[str],
+                             where: str) -> tuple[dict[int, Predictions], list[Predictions]]:
+    """``(matched, unmatched)``: each file matched to a member by its run directory, else by
+    a backbone only one member has; a file matching nothing, or a member already matched,
+    is unmatched. Files of other classes are refused."""
+    for p in preds:
+        if p.classes != classes:
+            raise UserInputError(f"{p.source or p.name}: classes {p.classes} differ from {where}'s {classes}; "
+                                 "pass predictions of the members this ensemble was fitted on")
+    matched: dict[int, Predictions] = {}
+    unmatched = []
+    backbones = [m.backbone for m in members]
+    for p in preds:
+        run = _file_run(p)
+        index = next((i for i, m in enumerate(members) if same_path(run, m.run)), None)
+        if index is None and p.backbone and backbones.count(p.backbone) == 1:
+            index = backbones.index(p.backbone)
+        if index is None or index in matched:
+            unmatched.append(p)
+        else:
+            matched[index] = p
+    return matched, unmatched
+
+
 def match_prediction_files(ens: Ensemble, preds: Sequence[Predictions], where: str = "ensemble",
                            log: Callable[[str], None] | None = None) -> list[Predictions]:
     """One prediction set per member, in member order.
@@ -49,22 +73,7 @@ def match_prediction_files(ens: Ensemble, preds: Sequence[Predictions], where: s
     was dropped (zero weight), or nothing while every member was matched, are skipped.
     Files of other classes are refused.
     """
-    for p in preds:
-        if p.classes != ens.classes:
-            raise UserInputError(f"{p.source or p.name}: classes {p.classes} differ from {where}'s {ens.classes}; "
-                                 "pass predictions of the members this ensemble was fitted on")
-    matched: dict[int, Predictions] = {}
-    unmatched = []
-    backbones = [m.backbone for m in ens.members]
-    for p in preds:
-        run = _file_run(p)
-        index = next((i for i, m in enumerate(ens.members) if same_path(run, m.run)), None)
-        if index is None and p.backbone and backbones.count(p.backbone) == 1:
-            index = backbones.index(p.backbone)
-        if index is None or index in matched:
-            unmatched.append(p)
-        else:
-            matched[index] = p
+    matched, unmatched = match_by_run_or_backbone(ens.members, preds, ens.classes, where)
     if len(matched) == len(ens.members):
         for p in unmatched:
             dropped = any(same_path(_file_run(p), m.run) for m in ens.dropped)
@@ -180,9 +189,5 @@ def load_prediction_sources(sources: Sequence[str | os.PathLike], split: str) ->
     """Prediction files, or run directories (their ``split`` predictions; ``auto``: see ``resolve_split``)."""
     split = resolve_split(sources, split)
     preds = [load_predictions(s, split=split) for s in sources]
-    oof = [p for p in preds if p.split == "oof"]
-    if oof and len(oof) < len(preds):
-        other = next(p for p in preds if p.split != "oof")
-        raise UserInputError(f"{oof[0].source} holds out-of-fold predictions but {other.source or other.name} holds "
-                             f"{other.split or 'other'} predictions; every member must be scored on the same kind of rows")
+    check_same_kind_of_rows(preds)
     return preds

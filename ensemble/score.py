@@ -20,10 +20,10 @@ import numpy as np
 
 from ensemble.combine import combine
 from ensemble.file import read_ensemble
-from ensemble.members import member_run
+from ensemble.fit import stack_log_probs
 from ensemble.metrics import REPORTED_METRICS, score_table_from_log_probs
 from ensemble.model import Ensemble, Member
-from ensemble.predict import predict_member_runs, same_path
+from ensemble.predict import match_by_run_or_backbone, predict_member_runs
 from zoo import atomic
 from zoo.errors import UserInputError
 from zoo.predictions import Predictions, align_predictions
@@ -54,19 +54,7 @@ class ScoreTable:
 def match_members(everyone: Sequence[Member], preds: Sequence[Predictions], classes: list[str], where: str) -> list[Predictions]:
     """One prediction set per member, kept and dropped alike, in ``everyone``'s order: by run
     directory, else by a backbone only one member has. Files of other classes are refused."""
-    for p in preds:
-        if p.classes != classes:
-            raise UserInputError(f"{p.source or p.name}: classes {p.classes} differ from {where}'s {classes}; "
-                                 "pass predictions of the members this ensemble was fitted on")
-    backbones = [m.backbone for m in everyone]
-    matched: dict[int, Predictions] = {}
-    for p in preds:
-        run = member_run(p) or p.run or None
-        index = next((i for i, m in enumerate(everyone) if same_path(run, m.run)), None)
-        if index is None and p.backbone and backbones.count(p.backbone) == 1:
-            index = backbones.index(p.backbone)
-        if index is not None and index not in matched:
-            matched[index] = p
+    matched, _ = match_by_run_or_backbone(everyone, preds, classes, where)
     missing = [m.name for i, m in enumerate(everyone) if i not in matched]
     if missing:
         raise UserInputError(f"{where}: no prediction file for member(s) {', '.join(missing)} among the {len(preds)} given; "
@@ -99,7 +87,7 @@ def score_ensemble(ensemble: Ensemble | str | os.PathLike, predictions: Sequence
         unknown = int((labels < 0).sum())
         raise UserInputError(f"{preds[0].source or where}: {unknown} of {len(labels)} rows have no label (-1); "
                              "scoring needs labelled predictions of a holdout (e.g. --split test of a labelled test/ folder)")
-    log_probs = [p.log_probabilities().astype(np.float32) for p in preds]
+    log_probs = stack_log_probs(preds)  # [M, N, C] float32
     kept = len(ens.members)
     rows = []
     for i, (m, lp) in enumerate(zip(everyone, log_probs)):
@@ -108,7 +96,7 @@ def score_ensemble(ensemble: Ensemble | str | os.PathLike, predictions: Sequence
                              s["accuracy"], s["log_loss"], s["ece"], "raw probabilities (T = 1)"))
     best = min(rows, key=lambda r: (r.log_loss, -r.accuracy))
     best.note += "; best single member (log loss)"
-    equal = combine(np.stack(log_probs), np.full(len(log_probs), 1.0 / len(log_probs)), "arithmetic")
+    equal = combine(log_probs, np.full(len(log_probs), 1.0 / len(log_probs)), "arithmetic")
     s = score_table_from_log_probs(equal, labels, REPORTED_METRICS)
     rows.append(ScoreRow("equal weights", "equal weights", None, s["accuracy"], s["log_loss"], s["ece"],
                          f"plain mean of all {len(log_probs)} members' raw probabilities"))

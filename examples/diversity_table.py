@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zoo.predictions import read_predictions
+from zoo.predictions import align_predictions, read_predictions
 
 MEMBERS = {  # name in the tables: (run directory under OUT, the timed run it came from, how it was made)
     "ft0": ("ft0", "ft0", "lite0 fine-tuned: 5 folds x 6 epochs, fresh head, best epoch per fold"),
@@ -45,10 +45,10 @@ def main(out: Path) -> None:
     times = {name: float(seconds) for name, seconds in times.items()}
     print("| member | how | out-of-fold acc / log loss | holdout acc / log loss | wall time |")
     print("|---|---|---|---|---|")
-    oof_loss = {}
+    oof_loss, holdout_loss = {}, {}
     for name, (path, timed, how) in MEMBERS.items():
         scores = json.loads((out / path / "result.json").read_text())["scores"]
-        oof_loss[name] = scores["oof"]["log_loss"]
+        oof_loss[name], holdout_loss[name] = scores["oof"]["log_loss"], scores["holdout"]["log_loss"]
         cell = lambda s: f"{s['accuracy']:.3f} / {s['log_loss']:.4f}"  # noqa: E731
         shared = " (the run)" if timed != path else ""
         print(f"| {name} | {how} | {cell(scores['oof'])} | {cell(scores['holdout'])} | {times[timed]:.0f} s{shared} |")
@@ -58,13 +58,13 @@ def main(out: Path) -> None:
 
     best = min(oof_loss, key=oof_loss.get)
     best_time = times[MEMBERS[best][1]]
-    holdout = lambda member: read_predictions(out / MEMBERS[member][0] / "predictions" / "val.safetensors")  # noqa: E731
+    holdout = {m: read_predictions(out / path / "predictions" / "val.safetensors") for m, (path, _, _) in MEMBERS.items()}
     print(f"\nbest single model (lowest out-of-fold log loss): {best}, {best_time:.0f} s\n")
     print("| ensemble | members fitted | weights | holdout acc / log loss | equal weights | its best member by "
           "out-of-fold log loss: holdout | ensemble - that member, holdout log loss (95% bootstrap) | cost (wall time) | "
           "x that member's time |")
     print("|---|---|---|---|---|---|---|---|---|")
-    ensembles = {}  # name: (holdout log loss, cost)
+    ensembles = {}  # name: (holdout log loss, cost, holdout predictions)
     for name, what in ENSEMBLES.items():
         rows = {row["name"]: row for row in csv.DictReader((out / f"holdout-{name}.csv").open())}
         fitted = json.loads((out / f"ensemble-{name}.json").read_text())
@@ -74,15 +74,14 @@ def main(out: Path) -> None:
         top = min(inside, key=oof_loss.get)
         top_time = times[MEMBERS[top][1]]
         ens, equal = rows["ensemble"], rows["equal weights"]
+        predictions = read_predictions(out / f"holdout-{name}.safetensors")
         print(f"| {name} | {what} | {weights} | {float(ens['accuracy']):.3f} / {float(ens['log_loss']):.4f} | "
               f"{float(equal['accuracy']):.3f} / {float(equal['log_loss']):.4f} | "
               f"{top} {float(rows[top]['accuracy']):.3f} / {float(rows[top]['log_loss']):.4f} | "
-              f"{paired_bootstrap(read_predictions(out / f'holdout-{name}.safetensors'), holdout(top))} | "
+              f"{paired_bootstrap(predictions, holdout[top])} | "
               f"{cost:.0f} s | {cost / top_time:.2f} |")
-        ensembles[name] = (float(ens["log_loss"]), cost)
+        ensembles[name] = (float(ens["log_loss"]), cost, predictions)
 
-    holdout_loss = {m: json.loads((out / MEMBERS[m][0] / "result.json").read_text())["scores"]["holdout"]["log_loss"]
-                    for m in MEMBERS}
     # The goal, against the best single model by out-of-fold log loss (chosen without the holdout, as the weights
     # are), and against the hardest bar: the member best on the holdout itself (chosen on it, so flattering to it).
     hardest = min(holdout_loss, key=holdout_loss.get)
@@ -90,8 +89,8 @@ def main(out: Path) -> None:
                           ("the hardest bar, the best member on the holdout itself", hardest)):
         loss, seconds = holdout_loss[single], times[MEMBERS[single][1]]
         met = [f"{name} ({e_loss:.4f}, {e_cost / seconds:.2f}x; "
-               f"{paired_bootstrap(read_predictions(out / f'holdout-{name}.safetensors'), holdout(single))})"
-               for name, (e_loss, e_cost) in ensembles.items() if e_loss < loss and e_cost < 2 * seconds]
+               f"{paired_bootstrap(predictions, holdout[single])})"
+               for name, (e_loss, e_cost, predictions) in ensembles.items() if e_loss < loss and e_cost < 2 * seconds]
         print(f"\ngoal against {label}, {single} (holdout log loss {loss:.4f}, {seconds:.0f} s): an ensemble below it "
               f"for less than twice its time: " + (f"met by {'; '.join(met)}" if met else "not met"))
 
@@ -106,18 +105,13 @@ def main(out: Path) -> None:
 
 def paired_bootstrap(ensemble, single, resamples: int = 10_000, seed: int = 0) -> str:
     """Mean per-image log loss of ``ensemble`` minus ``single`` on the same images, with a bootstrap 95% interval."""
-    order = {image: row for row, image in enumerate(single.ids)}
-    if sorted(order) != sorted(ensemble.ids):
-        raise ValueError("the ensemble's and the single model's holdout predictions cover different images")
-    rows = [order[image] for image in ensemble.ids]
-    labels = np.asarray(single.labels)[rows]
-    picked = lambda logp: -logp[np.arange(len(labels)), labels]  # noqa: E731
-    difference = picked(ensemble.log_probabilities()) - picked(single.log_probabilities()[rows])
+    ensemble, single = align_predictions([ensemble, single])  # same ids, classes and labels, or a clear error
+    rows = np.arange(len(single.labels))
+    difference = single.log_probabilities()[rows, single.labels] - ensemble.log_probabilities()[rows, single.labels]
     draws = np.random.default_rng(seed).integers(0, len(difference), (resamples, len(difference)))
     means = difference[draws].mean(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])
     return f"{difference.mean():+.4f} [{low:+.4f}, {high:+.4f}]; lower in {np.mean(means < 0):.0%} of resamples"
-
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from finetune.config import FinetuneConfig
-from finetune.engine import Trainer, log_loss_and_accuracy
+from finetune.engine import Trainer
 from finetune.report import write_best_epoch_report
 from zoo import atomic
 from zoo.backbones import unreadable_reason
@@ -20,23 +20,36 @@ from zoo.predictions import Predictions, write_predictions
 from zoo.rundir import RunDir
 
 
-def save_weights(path: Path, model: torch.nn.Module, metadata: dict[str, str]) -> None:
+def save_state(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """The one writer of ``model.safetensors``: a plain timm state dict with zoo's metadata."""
     from safetensors.torch import save_file
 
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     atomic.write_with(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+
+
+def save_weights(path: Path, model: torch.nn.Module, metadata: dict[str, str]) -> None:
+    save_state(path, {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}, metadata)
+
+
+def write_run_predictions(run: RunDir, split: str, logits, labels, ids, classes, backbone: str,
+                          report_epoch: int | None = None) -> Predictions:
+    """``RUN/predictions/<split>.safetensors`` (and, with ``report_epoch``, the best-epoch report from them)."""
+    preds = Predictions(logits=logits, labels=labels, ids=list(ids), classes=classes, backbone=backbone,
+                        run=str(run.root.resolve()), split=split)
+    write_predictions(run.predictions(split), preds)
+    if report_epoch is not None:
+        write_best_epoch_report(run, preds, report_epoch)
+    return preds
 
 
 def save_best(run: RunDir, cfg: FinetuneConfig, model, classes, dataset: Dataset, logits, labels, epoch: int) -> None:
     save_weights(run.model, model, {"backbone": cfg.backbone, "classes": json.dumps(classes), "epoch": str(epoch)})
-    preds = Predictions(logits=logits, labels=labels, ids=[s.id for s in dataset.split("val")], classes=classes,
-                        backbone=cfg.backbone, run=str(run.root.resolve()), split="val", tta=1)
-    write_predictions(run.predictions("val"), preds)
-    write_best_epoch_report(run, preds, epoch)
+    write_run_predictions(run, "val", logits, labels, [s.id for s in dataset.split("val")], classes, cfg.backbone,
+                          report_epoch=epoch)
 
 
 def save_snapshot(run: RunDir, cfg: FinetuneConfig, model, classes, dataset: Dataset, logits, labels, epoch: int,
-                   index: int) -> None:
+                  index: int, val_loss: float, val_accuracy: float) -> None:
     """``RUN/snapshot-<index>``: the model at the end of cosine cycle ``index`` (Huang et al. 2017), an
     ordinary run directory (config, weights, validation predictions, splits, result) usable as a member."""
     snap = run.snapshot(index)
@@ -45,12 +58,9 @@ def save_snapshot(run: RunDir, cfg: FinetuneConfig, model, classes, dataset: Dat
     atomic.write_json(snap.config, config)
     atomic.write_text(snap.splits, run.splits.read_text(encoding="utf-8"))
     save_weights(snap.model, model, {"backbone": cfg.backbone, "classes": json.dumps(classes), "epoch": str(epoch)})
-    preds = Predictions(logits=logits, labels=labels, ids=[s.id for s in dataset.split("val")], classes=classes,
-                        backbone=cfg.backbone, run=str(snap.root.resolve()), split="val", tta=1)
-    write_predictions(snap.predictions("val"), preds)
-    val_loss, val_acc = log_loss_and_accuracy(logits, labels)
-    atomic.write_json(snap.result, {"status": "snapshot", "best_epoch": epoch, "val_loss": val_loss, "val_accuracy": val_acc,
-                                    "epochs_run": epoch})
+    write_run_predictions(snap, "val", logits, labels, [s.id for s in dataset.split("val")], classes, cfg.backbone)
+    atomic.write_json(snap.result, {"status": "snapshot", "best_epoch": epoch, "val_loss": val_loss,
+                                    "val_accuracy": val_accuracy, "epochs_run": epoch})
 
 
 def save_resume(run: RunDir, model, optimizer, trainer: Trainer, ema, epoch: int, bad_epochs: int,

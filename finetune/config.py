@@ -205,6 +205,17 @@ class FinetuneConfig:
             raise UserInputError(f"--snapshots needs cycles that end at epoch ends: --epochs minus --warmup-epochs must be a "
                                  f"whole multiple of --restarts + 1 ({cycles}), got {self.epochs} - {self.warmup_epochs:g}; "
                                  f"e.g. --epochs {suggestion} --warmup-epochs {whole}")
+        if self.probe_views < 0:
+            raise UserInputError(f"--probe-views must be 0 or more, got {self.probe_views}")
+        if self.linear_probe and self.head_init == "probe":
+            raise UserInputError("--head-init probe starts a fine-tune from a probe; with --linear-probe the probe is the "
+                                 "whole run: drop one of them")
+        if self.linear_probe and self.fold is not None:
+            raise UserInputError(f"--fold {self.fold}: a linear-probe cross-fit fits all --folds in seconds, from features "
+                                 "extracted once; drop --fold")
+        if self.linear_probe and self.resume:
+            raise UserInputError("--linear-probe runs have no resume state (they take seconds): run the command again "
+                                 "with another --out")
         if self.pool not in POOLS:
             raise UserInputError(f"--pool must be one of {list(POOLS)}, got {self.pool!r}")
         if self.model_kwargs is not None:

@@ -14,10 +14,9 @@ import torch.nn.functional as F
 
 from finetune import loaders
 from finetune.engine import predict_logits, resolve_hardware
-from zoo import cache as image_cache
-from zoo.backbones import load_run_model
+from zoo.backbones import architecture_kwargs, load_run_model
 from zoo.cpu import apply_budget, cpu_budget
-from zoo.data import check_images, read_prediction_images
+from zoo.data import read_prediction_images
 from zoo.errors import UserInputError
 from zoo.predictions import Predictions, mean_log_probability
 from zoo.progress import progress
@@ -66,9 +65,7 @@ def load_run(run: str | os.PathLike, device: torch.device | None = None) -> tupl
                              "load one of them, or predict with `zoo predict`, which averages them")
     if not run_dir.model.is_file():
         raise UserInputError(f"{run_dir.model}: missing; the run has no finished epoch yet (resume it with zoo finetune --resume --out {run})")
-    # Architecture arguments only (drop path is a training-time setting).
-    kwargs = {k: v for k, v in config.get("model_kwargs", {}).items() if k != "drop_path_rate"}
-    model = load_run_model(config["backbone"], len(config["classes"]), run_dir.model, **kwargs)
+    model = load_run_model(config["backbone"], len(config["classes"]), run_dir.model, **architecture_kwargs(config))
     return model.to(device or "cpu").eval(), config
 
 
@@ -99,11 +96,7 @@ def _check_images(model_runs: list[RunDir], root: Path, samples, workers: int, s
     """The readable samples and (id, why) of the others; through the run's cache when it has one (decoded once there)."""
     sources = _image_sources(model_runs[0].read_config(), root, workers)
     with progress(len(samples), "checking images", unit="images", enabled=show) as bar:
-        if sources is None:
-            return check_images(samples, workers=workers, progress=lambda done, _: bar.set(done))
-        result = image_cache.fill(sources.store, samples, sources.caps, workers=workers, progress=lambda done, _: bar.set(done))
-    bad = {sample_id for sample_id, _ in result.bad}
-    return [s for s in samples if s.id not in bad], result.bad
+        return loaders.check_through(sources, samples, workers=workers, progress=lambda done, _: bar.set(done))
 
 
 def _own_validation(model_runs: list[RunDir], samples, data) -> list[list]:

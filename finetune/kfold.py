@@ -25,7 +25,7 @@ import numpy as np
 from finetune import distributed
 from finetune.config import FinetuneConfig
 from finetune.engine import log_loss_and_accuracy, stderr_log
-from finetune.train import FinetuneResult, TrainingInterrupted, finetune
+from finetune.train import FinetuneResult, TrainingInterrupted, _quiet, finetune
 from zoo import atomic
 from zoo.data import CLASS_ORDER, read_listing
 from zoo.errors import UserInputError
@@ -112,10 +112,6 @@ def finetune_folds(cfg: FinetuneConfig, *, log=stderr_log, progress: bool | None
         return result
     finally:
         dist.cleanup()
-
-
-def _quiet(message: str) -> None:
-    pass
 
 
 def _options_to_run(cfg: FinetuneConfig, run: RunDir) -> FinetuneConfig:

@@ -124,6 +124,17 @@ class ImageSources:
         return image_cache.cached_images(self.store, samples, self.eval_cap, self.caps, workers=self.workers)
 
 
+def check_through(sources: ImageSources | None, samples: Sequence[Sample], *, workers: int,
+                  progress: Callable[[int, int], None] | None = None) -> tuple[list[Sample], list[tuple[str, str]]]:
+    """The readable samples and (id, why) of the others: decoded into ``sources``' cache when it has one (so the
+    loaders do not decode them again), else decoded and dropped."""
+    if sources is None or sources.store is None:
+        return decode_check(samples, workers=workers, progress=progress)
+    result = image_cache.fill(sources.store, samples, sources.caps, workers=workers, progress=progress)
+    bad = {sample_id for sample_id, _ in result.bad}
+    return [s for s in samples if s.id not in bad], result.bad
+
+
 def image_sources(cache: str | None, root: Path, data_config: dict[str, Any], crop_scale: float, *,
                   workers: int = 1) -> ImageSources:
     """The run's :class:`ImageSources`: ``cache`` is None (decode each time), ``"ram"`` or a folder."""
@@ -158,9 +169,5 @@ def check_images(cfg, root: Path, samples: Sequence[Sample], *, workers: int,
     a cross-fit) do not decode them again. ``progress(done, total)`` is called as images are checked.
     """
     dcfg = expected_data_config(cfg) if cfg.cache is not None else None
-    if dcfg is None:
-        return decode_check(samples, workers=workers, progress=progress)
-    sources = image_sources(cfg.cache, root, dcfg, cfg.crop_scale, workers=workers)
-    result = image_cache.fill(sources.store, samples, sources.caps, workers=workers, progress=progress)
-    bad = {sample_id for sample_id, _ in result.bad}
-    return [s for s in samples if s.id not in bad], result.bad
+    sources = image_sources(cfg.cache, root, dcfg, cfg.crop_scale, workers=workers) if dcfg is not None else None
+    return check_through(sources, samples, workers=workers, progress=progress)

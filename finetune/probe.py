@@ -47,14 +47,12 @@ import torch
 import zoo
 from finetune import loaders
 from finetune.config import FinetuneConfig
-from finetune.engine import Hardware, keep_cpu_heap, log_loss_and_accuracy, resolve_hardware, seed_everything, stderr_log
-from finetune.report import write_best_epoch_report
+from finetune.engine import (Hardware, keep_cpu_heap, log_loss_and_accuracy, predict_logits, resolve_hardware,
+                             seed_everything, stderr_log)
 from zoo import atomic
-from zoo.backbones import create_backbone, data_config, state_dict_hash
 from zoo.cpu import apply_budget, cpu_budget
 from zoo.data import CLASS_ORDER, Sample, check_images, read_dataset, read_listing
 from zoo.errors import UserInputError
-from zoo.predictions import Predictions, write_predictions
 from zoo.rundir import RunDir
 
 # Inverse L2 strengths tried (on standardised features), strongest first; 10^-4 .. 10^2 in half decades.
@@ -175,22 +173,26 @@ def head_scale(logits: np.ndarray, labels: np.ndarray, label_smoothing: float, s
     return float(np.exp(best[1]))
 
 
+class PooledFeatures(torch.nn.Module):
+    """``model`` up to the input of its final Linear: what a probe is fitted on."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(images), pre_logits=True).flatten(1)
+
+
 def pooled_features(model: torch.nn.Module, samples: Sequence[Sample], transform, hardware: Hardware, *,
                     batch_size: int = 64, workers: int = 0) -> np.ndarray:
     """[N, D] float32: ``forward_head(forward_features(x), pre_logits=True)`` of each sample, in order."""
+    if not samples:
+        return np.zeros((0, 0), np.float32)
     loader = loaders.eval_loader(samples, transform, batch_size=batch_size, workers=workers,
                                  pin_memory=hardware.device.type == "cuda")
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for images, _, _ in loader:
-            images = images.to(hardware.device, non_blocking=True)
-            if hardware.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with hardware.autocast():
-                features = model.forward_head(model.forward_features(images), pre_logits=True)
-            out.append(features.float().flatten(1).cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+    features, _ = predict_logits(PooledFeatures(model), loader, hardware)  # the prediction loop, on features
+    return features
 
 
 @dataclass
@@ -221,20 +223,6 @@ def fit_probe(train: TrainFeatures, num_classes: int, seed: int) -> LinearProbe:
     return LinearProbe(seed=seed).fit(train.features, train.labels, num_classes, groups=train.groups)
 
 
-def check_probe_options(cfg: FinetuneConfig) -> None:
-    if cfg.probe_views < 0:
-        raise UserInputError(f"--probe-views must be 0 or more, got {cfg.probe_views}")
-    if cfg.linear_probe and cfg.head_init == "probe":
-        raise UserInputError("--head-init probe starts a fine-tune from a probe; with --linear-probe the probe is the "
-                             "whole run: drop one of them")
-    if cfg.linear_probe and cfg.fold is not None:
-        raise UserInputError(f"--fold {cfg.fold}: a linear-probe cross-fit fits all --folds in seconds, from features "
-                             "extracted once; drop --fold")
-    if cfg.linear_probe and cfg.resume:
-        raise UserInputError("--linear-probe runs have no resume state (they take seconds): run the command again "
-                             "with another --out")
-
-
 @dataclass
 class HeadInit:
     """What ``--head-init probe`` put into the classifier: ``scale`` times ``probe``'s weights."""
@@ -263,7 +251,6 @@ def fit_head_init(model: torch.nn.Module, samples: Sequence[Sample], dcfg: dict,
 def init_head_from_probe(model: torch.nn.Module, samples: Sequence[Sample], dcfg: dict, cfg: FinetuneConfig,
                          hardware: Hardware, workers: int) -> str:
     """LP-FT: fit the head (:func:`fit_head_init`) and copy it into the classifier; a line for the log."""
-    check_probe_options(cfg)
     classifier_linear(model, cfg.backbone)
     start = time.perf_counter()
     init = fit_head_init(model, samples, dcfg, cfg, hardware, workers)
@@ -286,7 +273,6 @@ class ProbeResult:
 
 def linear_probe(cfg: FinetuneConfig, *, log=stderr_log) -> ProbeResult:
     """Fit a linear-probe run (``cfg.folds``: a cross-fit of K probes) into ``cfg.out``."""
-    check_probe_options(cfg)
     cfg.validate()
     run = RunDir(cfg.out)
     if run.is_run():
@@ -308,12 +294,12 @@ def readable(samples: Sequence[Sample], workers: int, log, where: str) -> tuple[
 
 
 def build_model(cfg: FinetuneConfig, num_classes: int):
-    """The backbone with its fresh head, its starting-weights hash (before any fitting) and data config."""
-    seed_everything(cfg.seed)  # as finetune does: the same seed gives the same starting head, so hashes agree
-    model_kwargs = cfg.create_kwargs()
-    model = create_backbone(cfg.backbone, num_classes, pretrained=cfg.pretrained, weights=cfg.weights, **model_kwargs)
+    """The backbone with its fresh head, exactly as a fine-tune starts (``start_model``), checked to have a Linear head."""
+    from finetune.run_config import start_model
+
+    model, model_kwargs, start_hash, dcfg = start_model(cfg, num_classes)
     classifier_linear(model, cfg.backbone)
-    return model, model_kwargs, state_dict_hash(model), data_config(model, cfg.data_overrides())
+    return model, model_kwargs, start_hash, dcfg
 
 
 def run_config(cfg: FinetuneConfig, classes, model_kwargs, dcfg, start_hash, dataset_record: dict, probe: LinearProbe,
@@ -335,7 +321,7 @@ def write_probe_run(run: RunDir, config: dict, model, splits: dict[str, list[Sam
                     skipped: list[tuple[str, str]], extra_predictions: dict[str, tuple[list[Sample], np.ndarray]] | None = None
                     ) -> dict[str, float]:
     """Write one probe run directory (config, weights, splits, predictions, report, result); returns its val scores."""
-    from finetune.checkpoints import save_weights  # the one writer of model.safetensors
+    from finetune.checkpoints import save_weights, write_run_predictions
 
     run.root.mkdir(parents=True, exist_ok=True)
     atomic.write_json(run.config, config)
@@ -344,11 +330,8 @@ def write_probe_run(run: RunDir, config: dict, model, splits: dict[str, list[Sam
         atomic.write_text(run.skipped_images, "".join(f"{sid}\t{why}\n" for sid, why in skipped))
     save_weights(run.model, model, {"backbone": config["backbone"], "classes": json.dumps(config["classes"]), "epoch": "0"})
     for split, (samples, logits) in {"val": (splits["val"], val_logits), **(extra_predictions or {})}.items():
-        preds = Predictions(logits=logits, labels=[s.label for s in samples], ids=[s.id for s in samples],
-                            classes=config["classes"], backbone=config["backbone"], run=str(run.root.resolve()), split=split)
-        write_predictions(run.predictions(split), preds)
-        if split == "val":
-            write_best_epoch_report(run, preds, 0)
+        write_run_predictions(run, split, logits, [s.label for s in samples], [s.id for s in samples], config["classes"],
+                              config["backbone"], report_epoch=0 if split == "val" else None)
     loss, accuracy = log_loss_and_accuracy(val_logits, np.array([s.label for s in splits["val"]]))
     atomic.write_json(run.result, {"status": "finished", "best_epoch": 0, "val_loss": loss, "val_accuracy": accuracy,
                                    "epochs_run": 0, "linear_probe": config["linear_probe"]})

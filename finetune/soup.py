@@ -57,7 +57,7 @@ from zoo import atomic
 from zoo.cpu import apply_budget, cpu_budget
 from zoo.data import Sample, check_images, read_listing
 from zoo.errors import UserInputError
-from zoo.predictions import Predictions, read_predictions, write_predictions
+from zoo.predictions import read_predictions
 from zoo.progress import progress as progress_bar
 from zoo.rundir import RunDir
 
@@ -77,17 +77,6 @@ BN_MEASUREMENT = {  # log loss of the soup described in the module docstring (va
 
 
 @dataclass
-class Ingredient:
-    run: RunDir
-    config: dict
-    score: float  # held-out log loss from its own prediction file (sorts greedy's candidates)
-
-    @property
-    def name(self) -> str:
-        return str(self.run.root)
-
-
-@dataclass
 class SoupResult:
     run: RunDir
     method: str
@@ -95,11 +84,6 @@ class SoupResult:
     ingredients: list[str]
     scores: dict[str, float]  # log_loss, accuracy of the soup on its val predictions
     trace: list[dict] = field(default_factory=list)  # greedy: each candidate's soup score and whether it was kept
-
-
-def architecture_kwargs(config: dict) -> dict:
-    # Drop path is a training-time setting: two runs that differ only there average fine.
-    return {k: v for k, v in (config.get("model_kwargs") or {}).items() if k != "drop_path_rate"}
 
 
 def expand_runs(paths: Sequence[str]) -> tuple[list[RunDir], bool]:
@@ -127,6 +111,8 @@ def expand_runs(paths: Sequence[str]) -> tuple[list[RunDir], bool]:
 
 def check_compatible(runs: Sequence[RunDir], configs: Sequence[dict]) -> None:
     """Refuse runs that do not share backbone, classes, architecture and starting weights, in one line."""
+    from zoo.backbones import architecture_kwargs
+
     first, base = runs[0], configs[0]
     for run, config in zip(runs[1:], configs[1:]):
         for key in SAME:
@@ -212,21 +198,25 @@ class SoupCook:
         import timm
 
         from finetune import loaders
+        from zoo.backbones import architecture_kwargs
 
         self.config, self.states, self.bn, self.hardware, self.progress = config, states, bn, hardware, progress
         self.model = timm.create_model(config["backbone"], pretrained=False, num_classes=len(config["classes"]),
                                        **architecture_kwargs(config)).to(hardware.device)
         tf = loaders.eval_transform(config["data_config"])
-        self.eval_samples = eval_samples
         self.eval_loader = loaders.eval_loader(eval_samples, tf, batch_size=batch_size, workers=workers, pin_memory=False)
         self.bn_loader = loaders.eval_loader(bn_samples, tf, batch_size=batch_size, workers=workers, pin_memory=False)
 
-    def cook(self, members: Sequence[int]) -> dict[str, torch.Tensor]:
+    def cook(self, members: Sequence[int]) -> None:
+        """Load the soup of ``members`` into ``self.model``."""
         chosen = [self.states[i] for i in members]
         self.model.load_state_dict(average_states(chosen), strict=True)
         if self.bn == "reestimate":
             reestimate_norms(self.model, differing_norms(self.model, chosen), self.bn_loader, self.hardware.device,
                              self.progress)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """A copy of the soup now in the model (only for one that is kept: greedy tries many)."""
         return {k: v.detach().cpu().contiguous().clone() for k, v in self.model.state_dict().items()}
 
     def score(self) -> tuple[np.ndarray, np.ndarray, float, float]:
@@ -333,20 +323,21 @@ def make_soup(paths: Sequence[str], out: str, *, method: str = "uniform", bn: st
     trace: list[dict] = []
     if method == "uniform":
         kept = list(range(len(runs)))
-        state = cook.cook(kept)
+        cook.cook(kept)
+        state = cook.state()
         logits, labels, loss, accuracy = cook.score()
     else:
         order = sorted(range(len(runs)), key=lambda i: (own_scores[i], i))
         kept, best = [], None
         search = progress_bar(len(order), "greedy soup", unit="ingredients", enabled=progress)
         for i in order:
-            trial_state = cook.cook(kept + [i])
+            cook.cook(kept + [i])
             trial = cook.score()
             accepted = best is None or trial[2] <= best[2]  # "not worse": ties keep the ingredient (more averaging)
             trace.append({"run": runs[i].root.as_posix(), "own_log_loss": own_scores[i], "soup_log_loss": trial[2], "kept": accepted})
             log(f"  {'+' if accepted else '-'} {runs[i].root}: own log loss {own_scores[i]:.4f}, soup with it {trial[2]:.4f}")
             if accepted:
-                kept, best, state = kept + [i], trial, trial_state
+                kept, best, state = kept + [i], trial, cook.state()
             search.update(1)
         search.close()
         logits, labels, loss, accuracy = best
@@ -356,9 +347,7 @@ def make_soup(paths: Sequence[str], out: str, *, method: str = "uniform", bn: st
 
 def _write_soup(soup_run: RunDir, config: dict, runs, kept, state, method, bn, split, selected_on_holdout, eval_samples,
                 train_ids, logits, labels, scores, trace, log) -> SoupResult:
-    from safetensors.torch import save_file
-
-    from finetune.report import write_best_epoch_report
+    from finetune.checkpoints import save_state, write_run_predictions
 
     names = [run.root.as_posix() for run in runs]
     record = {"method": method, "bn": bn, "ingredients": names, "kept": [names[i] for i in kept],
@@ -368,12 +357,10 @@ def _write_soup(soup_run: RunDir, config: dict, runs, kept, state, method, bn, s
     soup_run.root.mkdir(parents=True, exist_ok=True)
     atomic.write_json(soup_run.config, {**config, "soup": record})
     metadata = {"backbone": config["backbone"], "classes": json.dumps(config["classes"]), "soup": method}
-    atomic.write_with(soup_run.model, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+    save_state(soup_run.model, state, metadata)
     atomic.write_json(soup_run.splits, {"train": train_ids, "val": [s.id for s in eval_samples]})
-    preds = Predictions(logits=logits, labels=labels, ids=[s.id for s in eval_samples], classes=config["classes"],
-                        backbone=config["backbone"], run=str(soup_run.root.resolve()), split="val")
-    write_predictions(soup_run.predictions("val"), preds)
-    write_best_epoch_report(soup_run, preds, 0)
+    write_run_predictions(soup_run, "val", logits, labels, [s.id for s in eval_samples], config["classes"],
+                          config["backbone"], report_epoch=0)
     loss, accuracy = scores
     atomic.write_json(soup_run.result, {"status": "finished", "val_loss": loss, "val_accuracy": accuracy, "soup": record})
     log(f"soup of {len(kept)}/{len(runs)} ingredient(s): {split} log loss {loss:.4f}, accuracy {accuracy:.4f} -> {soup_run.root}")

@@ -32,11 +32,10 @@ from finetune.engine import (EpochProgress, Hardware, Trainer, TrainingDiverged,
 from finetune.freeze import count_parameters, freeze_stages, frozen_group_count, set_train_mode
 from finetune.optim import create_schedule, current_rates, prepare_training
 from finetune.report import format_report, plot_metrics, write_metrics
-from finetune.run_config import run_config
+from finetune.run_config import run_config, start_model
 from zoo import atomic
-from zoo.backbones import create_backbone, data_config, state_dict_hash
 from zoo.cpu import CpuBudget, apply_budget, cpu_budget
-from zoo.data import Dataset, check_images, read_dataset, read_listing
+from zoo.data import Dataset, read_dataset, read_listing
 from zoo.errors import UserInputError
 from zoo.folds import fold_dataset
 from zoo.progress import progress
@@ -241,11 +240,7 @@ def _train(cfg: FinetuneConfig, run: RunDir, resume_state: dict | None, dist: Di
         f"{' (split from train)' if dataset.val_source == 'from-train' else ''}, {num_classes} classes")
 
     # Model, its stage groups and its data config.
-    seed_everything(cfg.seed)
-    model_kwargs = cfg.create_kwargs()
-    model = create_backbone(cfg.backbone, num_classes, pretrained=cfg.pretrained, weights=cfg.weights, **model_kwargs)
-    start_hash = state_dict_hash(model)
-    dcfg = data_config(model, cfg.data_overrides())
+    model, _, start_hash, dcfg = start_model(cfg, num_classes)
     if cfg.head_init == "probe" and resume_state is None:  # LP-FT; after start_hash, so every fold's start hash agrees
         from finetune.probe import init_head_from_probe
 
@@ -270,13 +265,14 @@ def _train(cfg: FinetuneConfig, run: RunDir, resume_state: dict | None, dist: Di
     train_tf = loaders.train_transform(dcfg, auto_augment=cfg.auto_augment, crop_scale=cfg.crop_scale, hflip=cfg.hflip)
     eval_tf = loaders.eval_transform(dcfg)
     images = loaders.image_sources(cfg.cache, dataset.root, dcfg, cfg.crop_scale, workers=budget.share)  # --cache
+    train_images = images.train(dataset.split("train"))  # once: filling the cache checks every file
 
     def make_train_loader(generator, epoch):
         return loaders.train_loader(dataset.split("train"), train_tf, batch_size=cfg.batch_size, workers=workers,
                                     generator=generator, num_classes=num_classes, balanced=cfg.balance == "sampler",
                                     drop_last=mixup is not None, pin_memory=pin,
                                     shard=(dist.rank, world) if dist.enabled else None, seed=cfg.seed, epoch=epoch,
-                                    images=images.train(dataset.split("train")))
+                                    images=train_images)
 
     # Validation is split across ranks (rank r takes samples r, r+W, ...) and gathered, so every rank
     # sees the same scores and takes the same best-epoch and early-stopping decisions.
@@ -379,7 +375,8 @@ def _train(cfg: FinetuneConfig, run: RunDir, resume_state: dict | None, dist: Di
                 bad_epochs += 1
             snapshot = cfg.snapshot_at(epoch + 1)
             if snapshot and dist.is_main:  # before the resume state: a kill in between redoes the epoch and this save
-                checkpoints.save_snapshot(run, cfg, eval_model, classes, dataset, logits, labels, epoch + 1, snapshot)
+                checkpoints.save_snapshot(run, cfg, eval_model, classes, dataset, logits, labels, epoch + 1, snapshot,
+                                          val_loss, val_acc)
                 log(f"epoch {epoch + 1}: end of cosine cycle {snapshot}/{cfg.restarts + 1}; snapshot -> {run.snapshot(snapshot).root}")
             if dist.is_main:
                 checkpoints.save_resume(run, model, optimizer, trainer, ema, epoch + 1, bad_epochs, history, best, None, world)

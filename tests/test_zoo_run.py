@@ -261,7 +261,7 @@ def test_backbones_short_form_and_its_errors(data, tmp_path):
 
 
 def test_default_zoo_is_printed_and_offline_hub_failure_says_how_to_give_weights(data, tmp_path, monkeypatch):
-    from zoo.errors import UserInputError as Err
+    from zoo.errors import HubUnreachable as Err  # what zoo.backbones raises offline
 
     def offline(cfg, **kwargs):
         raise Err(f"{cfg.backbone}: could not download pretrained weights from the Hugging Face hub (OSError); "

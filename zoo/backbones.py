@@ -19,7 +19,7 @@ import timm
 from timm.data import resolve_model_data_config
 from timm.models import group_parameters
 
-from zoo.errors import UserInputError
+from zoo.errors import HubUnreachable, UserInputError
 
 DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 
@@ -212,10 +212,16 @@ def _create(name: str, num_classes: int, *, pretrained: bool, weights: str | Non
             raise UserInputError(f"{name}: timm has no pretrained weights for it; pass --weights FILE or --no-pretrained") from None
         raise
     except (OSError, ConnectionError) as e:
-        raise UserInputError(
+        raise HubUnreachable(
             f"{name}: could not download pretrained weights from the Hugging Face hub ({type(e).__name__}); "
             "pass --weights FILE (a local .safetensors or torch state dict) or --no-pretrained"
         ) from None
+
+
+def architecture_kwargs(config: dict) -> dict[str, Any]:
+    """A run config's model arguments that shape the architecture: drop path is a training-time setting (two
+    runs that differ only there load and average alike)."""
+    return {k: v for k, v in (config.get("model_kwargs") or {}).items() if k != "drop_path_rate"}
 
 
 def load_run_model(name: str, num_classes: int, path: str | os.PathLike, **model_kwargs: Any) -> torch.nn.Module:

@@ -7,3 +7,7 @@ class UserInputError(ValueError):
     The message names the file or option, what was expected and what came, and the
     fix. The CLI prints it as one line, without a traceback.
     """
+
+
+class HubUnreachable(UserInputError):
+    """Pretrained weights could not be downloaded from the Hugging Face hub (offline, firewalled)."""

@@ -10,7 +10,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ensemble.calibration import log_softmax
+from ensemble.calibration import log_softmax, row_blocks
 from ensemble.combine import COMBINE_RULES, combine
 from ensemble.metrics import EPS, METRICS, get_metric
 from zoo.errors import UserInputError
@@ -148,9 +148,7 @@ class _Problem:
         # Row blocks of about half a million values: the chain of elementwise steps on a
         # block stays in cache, and each block is one BLAS matrix-vector product over
         # [M, rows * C] views; partial sums are gathered in float64.
-        rows = max(1, _BLOCK_VALUES // self.c)
-        for start in range(0, self.n, rows):
-            yield start, min(start + rows, self.n)
+        return row_blocks(self.n, self.c, _BLOCK_VALUES)
 
     def _geometric_log_loss(self, w: np.ndarray, gradient: bool) -> tuple[float, np.ndarray | None]:
         """Log loss of ``log_softmax(sum_j w_j log p_j)`` (``w`` need not sum to 1: its sum is

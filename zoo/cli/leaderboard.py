@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ensemble.metrics import accuracy, log_loss
 from zoo import atomic
 from zoo.errors import UserInputError
 from zoo.rundir import RunDir
@@ -97,8 +98,7 @@ def pick_under_budget(subsets: Sequence[Subset], max_latency: float) -> Subset |
 
 def _equal_weight_scores(probs: np.ndarray, labels: np.ndarray, subset: tuple[int, ...]) -> tuple[float, float]:
     mean = probs[list(subset)].mean(axis=0)
-    true = np.clip(mean[np.arange(len(labels)), labels], 1e-15, 1.0)
-    return float((mean.argmax(axis=1) == labels).mean()), float(-np.log(true).mean())
+    return accuracy(mean, labels), log_loss(mean, labels)
 
 
 def subset_table(names: list[str], latency: list[float], params: list[int], select_probs: np.ndarray, labels: np.ndarray,

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ensemble.metrics import ECE_BINS, expected_calibration_error
 from zoo import atomic
 
 HARDEST = 16  # holdout images in the grid
@@ -40,12 +41,10 @@ class ReportInputs:
     select: list  # Predictions, aligned
     holdout: list | None  # Predictions, aligned (labelled), or None
     holdout_split: str | None
-    ensemble_holdout: np.ndarray | None  # the ensemble's log-probabilities on the holdout
     listing: Any  # zoo.data.Dataset as listed
     seconds: float
     trained: list[str]
     skipped: list[str]
-    leaderboard_text: str = ""
     correlation_text: str = ""
 
 
@@ -118,19 +117,20 @@ def weights_plot(ens) -> str:
     return _png(fig)
 
 
-def _reliability(ax, probs: np.ndarray, labels: np.ndarray, title: str, bins: int = 10) -> None:
+def _reliability(ax, probs: np.ndarray, labels: np.ndarray, title: str, bins: int = ECE_BINS) -> None:
+    """Accuracy against confidence per equal-width bin; the title's ECE is the leaderboard's
+    (``expected_calibration_error``, same bins: (b/n, (b+1)/n])."""
     confidence, predicted = probs.max(axis=1), probs.argmax(axis=1)
     correct = predicted == labels
     edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
-    centers, accs, counts = [], [], []
+    which = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
+    centers, accs = [], []
     for b in range(bins):
         mask = which == b
         if mask.any():
             centers.append(confidence[mask].mean())
             accs.append(correct[mask].mean())
-            counts.append(mask.sum())
-    ece = sum(c * abs(a - x) for c, a, x in zip(counts, accs, centers)) / max(1, len(labels))
+    ece = expected_calibration_error(probs, labels, bins)
     ax.plot([0, 1], [0, 1], "--", color="#999")
     ax.bar(edges[:-1], [0] * bins, width=1 / bins)  # keeps the axis range when a bin is empty
     ax.plot(centers, accs, "o-", color="#c33")
@@ -141,17 +141,15 @@ def _reliability(ax, probs: np.ndarray, labels: np.ndarray, title: str, bins: in
     ax.set_ylim(0, 1.02)
 
 
-def reliability_plot(inputs: ReportInputs, best: str) -> str:
-    where = inputs.holdout if inputs.holdout is not None else inputs.select
+def reliability_plot(inputs: ReportInputs, best: str, where: list) -> tuple[str, np.ndarray]:
+    """Reliability diagrams of the best member and the fitted ensemble on ``where`` (the holdout,
+    else the selection rows); returns the PNG and the ensemble's probabilities on those rows."""
     labels = where[0].labels
     split = f"holdout ({inputs.holdout_split}/)" if inputs.holdout is not None else inputs.select_split
     fig, axes = _figure(8.0, 3.6, 2)
     _reliability(axes[0], where[inputs.names.index(best)].probabilities(), labels, f"best member: {best}, {split}")
-    if inputs.ensemble_holdout is not None:
-        ens_probs = np.exp(inputs.ensemble_holdout)
-    else:
-        ens_probs = np.exp(inputs.ensemble.predict_log_proba([inputs.select[inputs.names.index(m.name)].log_probabilities()
-                                                              for m in inputs.ensemble.members]))
+    ens_probs = np.exp(inputs.ensemble.predict_log_proba([where[inputs.names.index(m.name)].log_probabilities()
+                                                          for m in inputs.ensemble.members]))
     _reliability(axes[1], ens_probs, labels, f"fitted ensemble, {split}")
     fig.tight_layout()
     return _png(fig), ens_probs
@@ -253,8 +251,8 @@ def write_report(path: Path, inputs: ReportInputs) -> Path:
     """Write the report; returns its path."""
     members = [r for r in inputs.leaderboard if r.kind in ("member", "dropped member")]
     best = min(members, key=lambda r: (r.select.get("log_loss", np.inf), -r.select.get("accuracy", 0))).name
-    reliability, ens_probs = reliability_plot(inputs, best)
     where = inputs.holdout if inputs.holdout is not None else inputs.select
+    reliability, ens_probs = reliability_plot(inputs, best, where)
     split_words = f"the holdout ({inputs.holdout_split}/, {len(where[0].ids)} images)" if inputs.holdout is not None \
         else f"the {inputs.select_split} rows (no labelled holdout)"
     e = html.escape

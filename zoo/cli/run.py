@@ -37,7 +37,7 @@ from zoo import atomic
 from zoo.cli.leaderboard import (MAX_EXHAUSTIVE, LeaderRow, Subset, format_front, format_leaderboard, measure_latency,
                                  pareto_front, pick_under_budget, subset_table, write_leaderboard, write_subsets)
 from zoo.cli.zoo_file import NO_HUB_HELP, MemberSpec, check_options, default_zoo, device_kind, unique_names
-from zoo.errors import UserInputError
+from zoo.errors import HubUnreachable, UserInputError
 from zoo.rundir import RunDir
 
 # finetune's log lines worth showing under zoo run (the per-epoch line, the member's result).
@@ -129,8 +129,8 @@ def _train_member(spec: MemberSpec, cfg, run: RunDir, result: RunResult, log, st
             return done.assembled
         done = finetune(replace(cfg, resume=run.resume_state.is_file()), log=member_log, stop_after_epoch=stop_after_epoch)
         return done.stopped != "interrupted"
-    except UserInputError as e:
-        if "Hugging Face hub" in str(e) and not spec.weights:
+    except HubUnreachable as e:
+        if not spec.weights:
             raise UserInputError(f"{e}\n{NO_HUB_HELP}") from None
         raise
 
@@ -165,12 +165,6 @@ def _latencies(out: Path, names: list[str], runs: list[RunDir], repeats: int, de
                 f"{entry['ms_per_image_batch64']:.2f} at batch 64 ({entry['device']}, {entry['threads']} thread(s))")
         measured.append(entry)
     return measured
-
-
-def _scores(log_probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    from ensemble.metrics import score_table_from_log_probs
-
-    return score_table_from_log_probs(log_probs, labels)
 
 
 def run_zoo(data: str | os.PathLike, out: str | os.PathLike, members: Sequence[MemberSpec] | None = None, *,
@@ -231,6 +225,7 @@ def _after_training(result, listing, data, out, members, runs, names, folds, has
     from ensemble.diversity import correlate, write_correlation
     from ensemble.file import write_ensemble
     from ensemble.fit import fit_ensemble
+    from ensemble.metrics import score_table_from_log_probs
     from ensemble.predict import predict_ensemble
     from ensemble.report import format_correlation
     from ensemble.score import score_ensemble, write_score_table
@@ -253,20 +248,23 @@ def _after_training(result, listing, data, out, members, runs, names, folds, has
     log("[4/6] predicting " + " and ".join(f"{s}/" for s in dict.fromkeys(filter(None, [holdout_split, "test" if has_test else None])))
         if holdout_split else "[4/6] no val/ or test/ folder: no holdout to score on")
     predict = dict(threads=threads, device=device)
-    holdout = None
+    holdout = member_holdout = None
     if holdout_split:
-        holdout = []
+        member_holdout = []
         for run in runs:
             if folds and holdout_split == "val":
-                holdout.append(load_predictions(run.root, "val"))  # the fold models' mean, written by the cross-fit
+                member_holdout.append(load_predictions(run.root, "val"))  # the fold models' mean, written by the cross-fit
             else:
-                holdout.append(_cached_predictions(run.predictions("holdout" if holdout_split == "val" else "test"),
-                                                   lambda run=run: predict_run(run.root, data, split=holdout_split, **predict)))
-        holdout = align_predictions(holdout)
+                member_holdout.append(_cached_predictions(run.predictions("holdout" if holdout_split == "val" else "test"),
+                                                          lambda run=run: predict_run(run.root, data, split=holdout_split, **predict)))
+        holdout = align_predictions(member_holdout)
     test_table = None
     if has_test:
-        test = [_cached_predictions(run.predictions("test"), lambda run=run: predict_run(run.root, data, split="test", **predict))
-                for run in runs]
+        if holdout_split == "test":  # no val/: the holdout is test/, predicted just above (into the same files)
+            test = member_holdout
+        else:
+            test = [_cached_predictions(run.predictions("test"), lambda run=run: predict_run(run.root, data, split="test", **predict))
+                    for run in runs]
         kept = [test[names.index(m.name)] for m in ens.members]
         write_output(out / "test_predictions.csv", predict_ensemble(ens, predictions=kept))
         if holdout_split != "test" and (test[0].labels >= 0).all():
@@ -291,14 +289,16 @@ def _after_training(result, listing, data, out, members, runs, names, folds, has
     for j, (spec, p) in enumerate(zip(members, select)):
         rows.append(LeaderRow(spec.name, "member" if spec.name in weights else "dropped member", spec.backbone,
                               latency[j]["params"], latency[j]["ms_per_image_batch1"], latency[j]["ms_per_image_batch64"],
-                              _scores(p.log_probabilities(), labels), hold(spec.name), weights.get(spec.name, 0.0)))
+                              score_table_from_log_probs(p.log_probabilities(), labels), hold(spec.name),
+                              weights.get(spec.name, 0.0)))
     select_probs = np.stack([p.probabilities() for p in select])
     every = list(range(len(members)))
     kept_idx = [names.index(n) for n in weights]
     rows.append(LeaderRow("equal-weight average", "equal weights", f"{len(members)} members",
                           sum(latency[j]["params"] for j in every), sum(latency[j]["ms_per_image_batch1"] for j in every),
                           sum(latency[j]["ms_per_image_batch64"] for j in every),
-                          _scores(np.log(np.clip(select_probs.mean(axis=0), 1e-30, None)), labels), hold("equal weights"), None))
+                          score_table_from_log_probs(np.log(np.clip(select_probs.mean(axis=0), 1e-30, None)), labels),
+                          hold("equal weights"), None))
     cv_scores = (ens.scores.get("cv") or {}).get("ensemble") or ens.scores["in_sample"]["ensemble"]
     rows.append(LeaderRow("fitted ensemble", "ensemble", f"{ens.method}, {len(kept_idx)} members",
                           sum(latency[j]["params"] for j in kept_idx), sum(latency[j]["ms_per_image_batch1"] for j in kept_idx),
@@ -335,21 +335,19 @@ def _after_training(result, listing, data, out, members, runs, names, folds, has
         from ensemble.score import format_score_table
 
         lines += ["", "test/ (also untouched):", format_score_table(test_table)]
-    lines += ["", f"Correlation of the {select_split} predictions:", format_correlation(correlation, "prob_corr")]
+    correlation_text = format_correlation(correlation, "prob_corr")
+    lines += ["", f"Correlation of the {select_split} predictions:", correlation_text]
 
     log("[6/6] writing the report")
     from zoo.cli.report_html import ReportInputs, write_report
 
-    ens_holdout = None
-    if holdout_table:
-        ens_holdout = ens.predict_log_proba([holdout[names.index(m.name)].log_probabilities() for m in ens.members])
     result.seconds = time.perf_counter() - start
     result.report = write_report(out / "report.html", ReportInputs(
         title=title, leaderboard=rows, select_split=select_split, subsets=subsets, front=front, pick=pick,
         max_latency=max_latency, heatmap=out / "correlation" / "heatmap.png", ensemble=ens, names=names, runs=runs,
-        select=select, holdout=holdout if holdout_table else None, holdout_split=holdout_split, ensemble_holdout=ens_holdout,
+        select=select, holdout=holdout if holdout_table else None, holdout_split=holdout_split,
         listing=listing, seconds=result.seconds, trained=result.trained, skipped=result.skipped,
-        leaderboard_text=lines[1], correlation_text=format_correlation(correlation, "prob_corr")))
+        correlation_text=correlation_text))
     lines += ["", f"trained {len(result.trained)} member(s) ({', '.join(result.trained) or 'none'}), "
                   f"skipped {len(result.skipped)} finished earlier; {result.seconds:.0f} s; report: {result.report}"]
     result.summary = "\n".join(lines)

@@ -7,7 +7,8 @@ from click.core import ParameterSource
 
 from zoo.cli.finetune_commands import _config_options
 
-# FinetuneConfig fields that zoo run sets itself (or that its own options replace).
+# FinetuneConfig fields that zoo run sets itself (or that its own options replace): not options of
+# zoo run (removed from its parameters below), so they never reach ``given``.
 _NOT_SHARED = ("resume", "fold", "val_from_train", "linear_probe", "probe_views", "pool")
 
 
@@ -50,8 +51,7 @@ def run_command(ctx, data, out, backbones, zoo_file, max_latency, cv, latency_re
 
     if backbones and zoo_file:
         raise click.UsageError("pass --backbones or --zoo, not both")
-    given = {k: v for k, v in options.items()
-             if k not in _NOT_SHARED and ctx.get_parameter_source(k) is ParameterSource.COMMANDLINE}
+    given = {k: v for k, v in options.items() if ctx.get_parameter_source(k) is ParameterSource.COMMANDLINE}
     folds, fold_seed = given.pop("folds", None), given.pop("fold_seed", None)
     shared, members = {}, None
     if zoo_file:
@@ -70,5 +70,4 @@ def run_command(ctx, data, out, backbones, zoo_file, max_latency, cv, latency_re
 
 
 COMMANDS = [run_command]
-_SKIP = set(_NOT_SHARED)
-run_command.params = [p for p in run_command.params if p.name not in _SKIP]
+run_command.params = [p for p in run_command.params if p.name not in _NOT_SHARED]

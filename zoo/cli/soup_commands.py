@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from finetune.soup import BN_MODES, METHODS, SCORE_SPLITS
+from zoo.cli.finetune_commands import THREADS_HELP
 
 
 @click.command("soup")
@@ -20,7 +21,7 @@ from finetune.soup import BN_MODES, METHODS, SCORE_SPLITS
               help="training images the BatchNorm statistics are re-estimated on")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--device", default=None, help="cuda, cpu ... (default: cuda when present)")
-@click.option("--threads", default=None, type=click.IntRange(min=1), help="torch CPU threads (default: the free cores)")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help=THREADS_HELP)
 def soup_command(runs, out, method, bn, score_split, bn_images, batch_size, device, threads):
     """Average the weights of runs fine-tuned from the same starting weights (a model soup).
 
