@@ -148,7 +148,7 @@ def scenarios(args, work: Path, data: Path, threads: list[str], workers: list[st
 
 def decode_split(args, work: Path, cores: int) -> list[dict]:
     """The demo's ResNet member alone: decoding in the main process, against in one loader worker."""
-    from zoo.cli.demo import DEMO_OPTIONS, build_digits_dataset
+    from zoo.pipeline.demo import DEMO_OPTIONS, build_digits_dataset
 
     digits = work / "digits"
     if not digits.exists():

@@ -1,8 +1,9 @@
 """Ensembling: diversity measures, weight search, calibration, combining predictions, the ensemble file.
 
-Works on prediction files (``zoo.predictions``) with numpy and scipy (scikit-learn for
-stacking); nothing here imports torch, except ``predict_ensemble(..., data=...)``, which
-runs the members' checkpoints through ``finetune.inference`` when it is called.
+Layer: beside ``finetune``, above the ``zoo`` core, below ``zoo.pipeline`` and the CLI; it
+imports neither ``finetune`` nor torch. It works on prediction files (``zoo.predictions``)
+with numpy and scipy (scikit-learn for stacking); running members' checkpoints on images
+is the pipeline's job (``zoo.pipeline.member_inference``).
 
     from zoo.predictions import load_predictions
     from ensemble import fit_ensemble, write_ensemble, predict_ensemble, correlate
@@ -11,7 +12,8 @@ runs the members' checkpoints through ``finetune.inference`` when it is called.
     print(format_correlation(correlate(members)))
     ens = fit_ensemble(members, method="slsqp", cv=5)
     write_ensemble("ens.json", ens)
-    preds = predict_ensemble("ens.json", data="new_images/", split="all")
+    test = [load_predictions(run, split="test") for run in ["runs/convnext", "runs/effb2", "runs/vits"]]
+    preds = predict_ensemble("ens.json", test)
 """
 
 from ensemble.calibration import TemperatureScaler, apply_temperature

@@ -125,6 +125,13 @@ def _member_from_json(entry: Any, where: str, index: int, folder: Path) -> Membe
         raise UserInputError(f"{where}: member {index} ({entry.get('name')!r}) has a bad value ({e}); fit the ensemble again") from None
 
 
+def open_ensemble(ensemble: Ensemble | str | os.PathLike) -> tuple[Ensemble, str]:
+    """An ensemble given as itself or as its file, and the name messages use for it (the file's path)."""
+    if isinstance(ensemble, Ensemble):
+        return ensemble, "ensemble"
+    return read_ensemble(ensemble), str(ensemble)
+
+
 def read_ensemble(path: str | os.PathLike) -> Ensemble:
     """Read and check an ensemble file; member paths come back absolute."""
     path = Path(path)

@@ -1,10 +1,10 @@
-"""Apply a fitted ensemble: to members' prediction files, or to images through each member's run.
+"""Apply a fitted ensemble to its members' prediction files.
 
 ``predict_ensemble`` returns a ``Predictions`` whose logits are the ensemble's
-log-probabilities; ``write_output`` writes it as a prediction file (``.safetensors``) or
-as a CSV of ``id,prediction,<one probability column per class>``.
-
-Only the image path imports torch, inside ``finetune.inference.predict_run``.
+log-probabilities; ``zoo.predictions.write_output`` writes it as a prediction file
+(``.safetensors``) or as a CSV of ``id,prediction,<one probability column per class>``.
+Running the members' checkpoints on images is the pipeline's job
+(``zoo.pipeline.members``), which hands the predictions to ``ensemble_predictions``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ensemble.file import read_ensemble
+from ensemble.file import open_ensemble
 from ensemble.members import check_same_kind_of_rows, member_run
 from ensemble.model import Ensemble, Member
 from zoo.errors import UserInputError
@@ -93,68 +93,22 @@ def match_prediction_files(ens: Ensemble, preds: Sequence[Predictions], where: s
     )
 
 
-def member_run_dir(member: Member, where: str) -> Path:
-    """The member's run directory, refusing a missing one or one without a model."""
-    if member.run is None:
-        raise UserInputError(f"{where}: member {member.name!r} was fitted from a prediction file with no run directory; "
-                             "pass its prediction files instead of --data")
-    run = RunDir(member.run)
-    if not run.is_run():
-        raise UserInputError(f"{where}: member {member.name!r}: run directory {member.run} is missing (or has no config.json); "
-                             "restore it, or pass prediction files instead of --data")
-    return run.root
+def predict_ensemble(ensemble: Ensemble | str | os.PathLike, predictions: Sequence[Predictions], split: str = "test",
+                     log: Callable[[str], None] | None = None) -> Predictions:
+    """The ensemble's predictions from its members' prediction files, matched to members by
+    ``match_prediction_files`` (run directory, backbone, or the order given)."""
+    ens, where = open_ensemble(ensemble)
+    ens = ens.without_zero_weights()
+    if not predictions:
+        raise UserInputError(f"{where}: no prediction files given; pass one per member with a nonzero weight "
+                             f"({', '.join(m.name for m in ens.members)})")
+    member_preds = match_prediction_files(ens, predictions, where, log)
+    return ensemble_predictions(ens, member_preds, member_preds[0].split or split, member_preds[0].tta, where, log)
 
 
-def check_member_runs(members: Sequence[Member], classes: list[str], where: str) -> list[Path]:
-    """Every member's run directory, and refuse runs trained on other classes, before any inference."""
-    runs = []
-    for m in members:
-        run = member_run_dir(m, where)
-        run_classes = RunDir(run).read_config().get("classes")
-        if run_classes != classes:
-            raise UserInputError(f"{RunDir(run).config}: classes {run_classes} differ from {where}'s {classes}; "
-                                 f"member {m.name!r} was trained on other classes than the ensemble")
-        runs.append(run)
-    return runs
-
-
-def predict_member_runs(members: Sequence[Member], classes: list[str], data, split: str, tta: int, batch_size: int,
-                        device: str | None, where: str, log: Callable[[str], None] | None) -> list[Predictions]:
-    """Each member's run (a cross-fit: its fold models' mean) on ``split`` of the images in ``data``."""
-    runs = check_member_runs(members, classes, where)
-    from finetune.inference import predict_run  # torch is imported here, and only here
-
-    out = []
-    for j, (m, run) in enumerate(zip(members, runs)):
-        if log is not None:
-            log(f"predicting {split} of {data} with {m.name} ({m.backbone}, tta={tta})")
-        # Every member reads the same images: the first one says which it had to skip.
-        p = predict_run(run, data, split=split, tta=tta, batch_size=batch_size, device=device, log=log if j == 0 else None)
-        if p.classes != classes:
-            raise UserInputError(f"{run}: predicted classes {p.classes} differ from {where}'s {classes}")
-        out.append(p)
-    return out
-
-
-def predict_ensemble(ensemble: Ensemble | str | os.PathLike, predictions: Sequence[Predictions] | None = None,
-                     data: str | os.PathLike | None = None, split: str = "test", tta: int = 1, batch_size: int = 64,
-                     device: str | None = None, log: Callable[[str], None] | None = None) -> Predictions:
-    """The ensemble's predictions, from members' ``predictions`` or by running each member on ``data``.
-
-    With ``data`` each member's run predicts ``split`` of the images with its own data
-    config (and ``tta`` views); with ``predictions`` the files are matched to members
-    (``match_prediction_files``). Exactly one of the two must be given.
-    """
-    where = str(ensemble) if not isinstance(ensemble, Ensemble) else "ensemble"
-    ens = (ensemble if isinstance(ensemble, Ensemble) else read_ensemble(ensemble)).without_zero_weights()
-    if (data is None) == (predictions is None or len(predictions) == 0):
-        raise UserInputError("pass either --data DIR (images) or prediction files of the members, not both or neither")
-    if data is not None:
-        member_preds = predict_member_runs(ens.members, ens.classes, data, split, tta, batch_size, device, where, log)
-    else:
-        member_preds = match_prediction_files(ens, predictions, where, log)
-        split = member_preds[0].split or split
-        tta = member_preds[0].tta
+def ensemble_predictions(ens: Ensemble, member_preds: Sequence[Predictions], split: str, tta: int, where: str,
+                         log: Callable[[str], None] | None = None) -> Predictions:
+    """Combine one prediction set per kept member (in member order) with the ensemble's temperatures and weights."""
     if log is not None:
         for warning in ens.tta_mismatches([p.tta for p in member_preds]):
             log(f"warning: {warning}")

@@ -3,7 +3,7 @@
 Every member (kept and dropped, each at its raw probabilities), the equal-weight average
 (plain mean of all members' raw probabilities) and the fitted ensemble, on labelled
 predictions that the weights never saw. Returns a ``ScoreTable``; the command prints it.
-Only the image path imports torch, inside ``finetune.inference.predict_run``.
+Scoring members run on images is the pipeline's (``zoo.pipeline.members``).
 """
 
 from __future__ import annotations
@@ -14,16 +14,16 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from ensemble.combine import combine
-from ensemble.file import read_ensemble
+from ensemble.file import open_ensemble
 from ensemble.fit import stack_log_probs
 from ensemble.metrics import REPORTED_METRICS, score_table_from_log_probs
 from ensemble.model import Ensemble, Member
-from ensemble.predict import match_by_run_or_backbone, predict_member_runs
+from ensemble.predict import match_by_run_or_backbone
 from zoo import atomic
 from zoo.errors import UserInputError
 from zoo.predictions import Predictions, align_predictions
@@ -62,24 +62,22 @@ def match_members(everyone: Sequence[Member], preds: Sequence[Predictions], clas
     return [matched[i] for i in range(len(everyone))]
 
 
-def score_ensemble(ensemble: Ensemble | str | os.PathLike, predictions: Sequence[Predictions] | None = None,
-                   data: str | os.PathLike | None = None, split: str = "test", tta: int = 1, batch_size: int = 64,
-                   device: str | None = None, log: Callable[[str], None] | None = None) -> ScoreTable:
-    """Scores of every member, the equal-weight average and the ensemble on labelled rows.
-
-    With ``data`` every member's run (dropped ones too) predicts ``split`` of the images;
-    with ``predictions`` the files are matched to members by run directory or backbone.
-    """
-    where = str(ensemble) if not isinstance(ensemble, Ensemble) else "ensemble"
-    ens = ensemble if isinstance(ensemble, Ensemble) else read_ensemble(ensemble)
-    if (data is None) == (predictions is None or len(predictions) == 0):
-        raise UserInputError("pass either --data DIR (images) or prediction files of the members, not both or neither")
+def score_ensemble(ensemble: Ensemble | str | os.PathLike, predictions: Sequence[Predictions], split: str = "test"
+                   ) -> ScoreTable:
+    """Scores of every member, the equal-weight average and the ensemble on labelled rows of the members'
+    prediction files (kept and dropped members alike), matched to members by run directory or backbone."""
+    ens, where = open_ensemble(ensemble)
     everyone = list(ens.members) + list(ens.dropped)
-    if data is not None:
-        preds = predict_member_runs(everyone, ens.classes, data, split, tta, batch_size, device, where, log)
-    else:
-        preds = match_members(everyone, predictions, ens.classes, where)
-        split = preds[0].split or split
+    if not predictions:
+        raise UserInputError(f"{where}: no prediction files given; scoring needs every member's predictions, dropped ones "
+                             f"included ({', '.join(m.name for m in everyone)})")
+    preds = match_members(everyone, predictions, ens.classes, where)
+    return score_member_predictions(ens, preds, preds[0].split or split, where)
+
+
+def score_member_predictions(ens: Ensemble, preds: Sequence[Predictions], split: str, where: str) -> ScoreTable:
+    """``score_ensemble`` on one prediction set per member, kept members first, then the dropped ones."""
+    everyone = list(ens.members) + list(ens.dropped)
     mismatches = ens.tta_mismatches([p.tta for p in preds[:len(ens.members)]])
     preds = align_predictions(preds)
     labels = preds[0].labels

@@ -1,4 +1,4 @@
-"""The tables of README's "Where diversity comes from", from what ``examples/diversity.sh`` wrote into OUT.
+"""The tables of docs/diversity.md ("Where diversity comes from"), from what ``examples/diversity.sh`` wrote into OUT.
 
     python examples/diversity_table.py OUT
 

@@ -12,9 +12,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from finetune.schedules import SCHEDULE_REGISTRY
+
 OPTIMIZERS = {"adamw": "AdamW (decoupled weight decay)", "sgd": "SGD with Nesterov momentum 0.9"}
-SCHEDULES = {"cosine": "warmup then cosine decay (SGDR restarts with --restarts)",
-             "constant": "warmup then a constant rate"}
+SCHEDULES = {name: info.help for name, info in SCHEDULE_REGISTRY.items()}  # --schedule's choices and their help
 BALANCE = {"none": "plain loss", "loss": "loss weights 1/sqrt(class count), normalised to mean 1",
            "sampler": "sample each class equally often"}
 POOLS = {"train": "train/ only; val/ stays the untouched holdout", "train+val": "train/ and val/ (no holdout left)"}
@@ -91,7 +92,7 @@ class FinetuneConfig:
     threads: int | None = option(None, "torch CPU threads (default: OMP_NUM_THREADS where set, else the cores no other "
                                        "process keeps busy less the data-loading processes; printed with the run's settings)")
 
-    # Linear probes (finetune/probe.py): a logistic-regression head on frozen pooled features.
+    # Linear probes (finetune/probe.py; their runs: finetune/probe_run.py): a logistic-regression head on frozen pooled features.
     linear_probe: bool = option(False, "freeze the whole backbone and fit only the head, as a logistic regression on pooled "
                                        "features with its L2 strength chosen by cross-validated log loss (seconds, no epochs)")
     probe_views: int = option(0, "linear probe: also fit on N augmented views (train transform) of each train image "

@@ -283,6 +283,10 @@ def stderr_log(message: str) -> None:
     write_above_progress(message)  # stderr; above a progress bar that is open on the terminal
 
 
+def quiet_log(message: str) -> None:
+    """The log of processes that are not rank 0 under torchrun: rank 0 alone speaks."""
+
+
 __all__ = ["Trainer", "EpochStats", "EpochProgress", "TrainingDiverged", "create_ema", "soft_cross_entropy", "smooth_one_hot",
-           "predict_logits", "log_loss_and_accuracy", "stderr_log", "Hardware", "keep_cpu_heap", "resolve_hardware",
+           "predict_logits", "log_loss_and_accuracy", "stderr_log", "quiet_log", "Hardware", "keep_cpu_heap", "resolve_hardware",
            "get_rng_state", "seed_everything", "set_rng_state"]

@@ -18,14 +18,16 @@ its resume state, so a killed cross-fit costs only the unfinished work.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from finetune import distributed
 from finetune.config import FinetuneConfig
-from finetune.engine import log_loss_and_accuracy, stderr_log
-from finetune.train import FinetuneResult, TrainingInterrupted, _quiet, finetune
+from finetune.engine import log_loss_and_accuracy, quiet_log, stderr_log
+from finetune.inference import predict_run
+from finetune.train import FinetuneResult, TrainingInterrupted, finetune
 from zoo import atomic
 from zoo.data import CLASS_ORDER, read_listing
 from zoo.errors import UserInputError
@@ -64,7 +66,7 @@ def finetune_folds(cfg: FinetuneConfig, *, log=stderr_log, progress: bool | None
     dist = distributed.setup(cfg.device)  # once for all folds: each fold's finetune() joins this group
     try:
         if not dist.is_main:
-            log = _quiet
+            log = quiet_log
         listing = read_listing(cfg.data, allow_outside_root=cfg.allow_outside_root)
         pool, holdout = pool_and_holdout(listing, cfg.pool)
         folds = assign_folds([s.id for s in pool], [s.label for s in pool], cfg.folds, cfg.fold_seed)
@@ -150,8 +152,6 @@ def write_cross_fit_parent(run: RunDir, cfg: FinetuneConfig, classes: list[str],
 
 def _predict_holdout(fold_run: RunDir, cfg: FinetuneConfig, log, progress: bool | None = None) -> Predictions:
     """The fold model's predictions of the holdout (the dataset's val split), kept in its run directory."""
-    from finetune.inference import predict_run
-
     path = fold_run.predictions("holdout")
     if path.is_file():
         return read_predictions(path)
@@ -216,6 +216,4 @@ def _scores(preds: Predictions) -> dict[str, float]:
 
 
 def _read_json(path):
-    import json
-
     return json.loads(path.read_text(encoding="utf-8"))

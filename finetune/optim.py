@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 import torch
 from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler, StepLRScheduler
 from timm.scheduler.scheduler import Scheduler
 
-from zoo.backbones import StageGroup
+from finetune.freeze import freeze_stages, frozen_group_count
+from finetune.schedules import SCHEDULE_REGISTRY
+from zoo.backbones import StageGroup, stage_groups
 
 
 @dataclass(frozen=True)
@@ -68,25 +69,23 @@ def create_optimizer(model: torch.nn.Module, rates: list[GroupRate], name: str, 
 def create_schedule(optimizer: torch.optim.Optimizer, name: str, *, lr: float, epochs: int,
                     updates_per_epoch: int, warmup_epochs: float, min_lr_ratio: float,
                     restarts: int) -> Scheduler:
-    """A timm scheduler stepped per update (``step_update``), warmup before the peak.
+    """The timm scheduler registered as ``name`` (``finetune.schedules``), stepped per update
+    (``step_update``), warmup before the peak.
 
     timm's schedulers derive every group's rate from its initial ``lr`` and then
     multiply by ``lr_scale``, so each group's initial ``lr`` is first set to the base
     rate (the scheduler applies the scale itself).
     """
+    if name not in SCHEDULE_REGISTRY:
+        raise ValueError(f"schedule must be one of {list(SCHEDULE_REGISTRY)}, got {name!r}")
     for group in optimizer.param_groups:
         group["lr"] = lr
         group.pop("initial_lr", None)
     warmup_t = int(round(warmup_epochs * updates_per_epoch))
-    total = max(1, epochs * updates_per_epoch - warmup_t)
-    common = dict(warmup_t=warmup_t, warmup_lr_init=lr * 1e-3, warmup_prefix=True, t_in_epochs=False)
-    if name == "cosine":
-        cycle = max(1, total // (restarts + 1))
-        return CosineLRScheduler(optimizer, t_initial=cycle, lr_min=lr * min_lr_ratio, cycle_mul=1.0,
-                                 cycle_decay=1.0, cycle_limit=restarts + 1, **common)
-    if name == "constant":
-        return StepLRScheduler(optimizer, decay_t=10 ** 12, decay_rate=1.0, **common)
-    raise ValueError(f"schedule must be one of ['cosine', 'constant'], got {name!r}")
+    after_warmup = max(1, epochs * updates_per_epoch - warmup_t)
+    warmup = dict(warmup_t=warmup_t, warmup_lr_init=lr * 1e-3, warmup_prefix=True, t_in_epochs=False)
+    return SCHEDULE_REGISTRY[name].factory(optimizer, warmup, lr=lr, updates=after_warmup, min_lr_ratio=min_lr_ratio,
+                                           restarts=restarts)
 
 
 def current_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
@@ -118,9 +117,6 @@ def prepare_training(model: torch.nn.Module, cfg, hardware, lr: float) -> Traini
 
     The one recipe that ``finetune``, ``lr_find`` and the training benchmark share.
     """
-    from finetune.freeze import freeze_stages, frozen_group_count
-    from zoo.backbones import stage_groups
-
     groups = stage_groups(model)
     model.to(hardware.device)
     if hardware.channels_last:

@@ -1,64 +1,38 @@
-"""Linear-probe members: a frozen pretrained backbone with a fitted logistic-regression head.
+"""Linear probes: a multinomial logistic regression fitted on a frozen pretrained backbone's pooled features.
 
-``zoo finetune BACKBONE --data D --out RUN --linear-probe`` extracts every image's pooled
-features once (timm ``forward_features``, then ``forward_head(pre_logits=True)``: exactly
-what the final Linear sees, so EfficientNet's conv_head or ConvNeXt's head norm stay
-part of the features), fits a multinomial logistic regression on them and puts its
-weights into the timm classifier (``model.get_classifier()``). The run directory is an
-ordinary one: ``zoo predict``, ``correlate``, ``ensemble fit`` and ``soup`` take it.
+Each image's pooled features are what the final Linear sees (timm ``forward_features``, then
+``forward_head(pre_logits=True)``), so EfficientNet's conv_head or ConvNeXt's head norm stay part
+of the features; the fitted weights go into the timm classifier (``model.get_classifier()``).
 
 - The L2 strength is chosen by cross-validated log loss (``LogisticRegressionCV``) on the
-  train split alone; the validation split is only predicted, never selected on. With
-  ``--probe-views N`` each train image adds N augmented views (the train transform); the
-  inner folds keep all views of one image together, so no image is on both sides.
+  rows it is given. With augmented views of each image (``TrainFeatures``), the inner folds
+  keep all views of one image together, so no image is on both sides.
 - The fit sees standardised features; the head absorbs the standardisation exactly
   (``W' = W / scale``, ``b' = b - W' @ mean``), so plain timm reproduces scikit-learn's
   probabilities. With two classes scikit-learn fits one logit (log-odds of class 1): the
   head gets the rows ``[0, w]``, which give the same softmax.
-- ``--folds K``: features are extracted once for the pool and the holdout, then one probe
-  per fold is fitted, in the layout ``finetune.kfold`` writes (``fold-i`` runs,
-  ``oof.safetensors``, the holdout mean in ``val.safetensors``, ``folds.json``).
-- ``--head-init probe`` (LP-FT, Kumar et al. 2022): :func:`init_head_from_probe` fits the
-  probe on a run's train split and copies it into the classifier before fine-tuning. A
-  probe fitted on center crops is confident (cross-validation may pick C = 100), and the
-  fine-tune trains on augmented images with a label-smoothed loss: copied as it is, the
-  head's first steps send large gradients into the backbone (measured on ants and bees:
-  first-epoch train loss 1.37 against 0.67 from a fresh head, and a worse model at the
-  end). So LP-FT fits the probe on at least ``LPFT_VIEWS`` augmented views per image too,
-  and scales the head by the one factor (at most 1) that minimises the training loss,
-  label smoothing included, on those augmented views: the fine-tune starts at the
-  minimum of its own loss along the probe's direction. (Mixup and CutMix targets are not
-  modelled: with them the head starts somewhat more confident than their loss wants.)
+
+Probe runs (``zoo finetune --linear-probe``) are written by ``finetune.probe_run``; LP-FT's
+starting head (``--head-init probe``) is set up by ``finetune.lpft``.
 """
 
 from __future__ import annotations
 
-import json
-import platform
-import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import timm
 import torch
 
-import zoo
 from finetune import loaders
 from finetune.config import FinetuneConfig
-from finetune.engine import (Hardware, keep_cpu_heap, log_loss_and_accuracy, predict_logits, resolve_hardware,
-                             seed_everything, stderr_log)
-from zoo import atomic
-from zoo.cpu import apply_budget, cpu_budget
-from zoo.data import CLASS_ORDER, Sample, check_images, read_dataset, read_listing
+from finetune.engine import Hardware, predict_logits, seed_everything
+from zoo.data import Sample
 from zoo.errors import UserInputError
-from zoo.rundir import RunDir
 
 # Inverse L2 strengths tried (on standardised features), strongest first; 10^-4 .. 10^2 in half decades.
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 2, 13))
-# LP-FT's probe sees at least this many augmented views of each train image: the fine-tune sees only augmented ones.
-LPFT_VIEWS = 2
 
 
 class LinearProbe:
@@ -74,6 +48,7 @@ class LinearProbe:
         self.Cs, self.cv, self.max_iter, self.seed = Cs, cv, max_iter, seed
 
     def fit(self, features: np.ndarray, labels: np.ndarray, num_classes: int, groups: np.ndarray | None = None) -> "LinearProbe":
+        # Imported here: scikit-learn takes about a second, and every fine-tune imports this module (LP-FT) fitting or not.
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 
@@ -149,30 +124,6 @@ def set_head(model: torch.nn.Module, probe: LinearProbe, backbone: str, scale: f
         head.bias.copy_(torch.from_numpy(probe.intercept_ * scale).to(head.bias))
 
 
-def smoothed_loss(logits: np.ndarray, labels: np.ndarray, label_smoothing: float) -> float:
-    """The fine-tune's training loss (torch cross-entropy with label smoothing) of these logits."""
-    return float(torch.nn.functional.cross_entropy(torch.as_tensor(logits, dtype=torch.float64), torch.as_tensor(labels),
-                                                   label_smoothing=label_smoothing))
-
-
-def head_scale(logits: np.ndarray, labels: np.ndarray, label_smoothing: float, smallest: float = 1e-3) -> float:
-    """The factor s in [smallest, 1] minimising ``smoothed_loss(s * logits)``: the loss is convex in s, so one bounded search.
-
-    Never above 1: the probe's L2 strength already chose how confident it may be on clean crops; the fine-tune's
-    augmented images only ever ask for less.
-    """
-    from scipy.optimize import minimize_scalar
-
-    logits = np.asarray(logits, dtype=np.float64)
-    loss = lambda log_s: smoothed_loss(np.exp(log_s) * logits, labels, label_smoothing)  # noqa: E731
-    result = minimize_scalar(loss, bounds=(np.log(smallest), 0.0), method="bounded", options={"xatol": 1e-4})
-    if not result.success:
-        raise RuntimeError(f"head scale search failed: {result.message}")
-    # The bounded search never evaluates the bounds themselves; the minimum may sit on one (s = 1 when nothing shrinks).
-    best = min([(result.fun, result.x), (loss(0.0), 0.0), (loss(np.log(smallest)), np.log(smallest))])
-    return float(np.exp(best[1]))
-
-
 class PooledFeatures(torch.nn.Module):
     """``model`` up to the input of its final Linear: what a probe is fitted on."""
 
@@ -221,202 +172,3 @@ def train_features(model, samples: Sequence[Sample], dcfg: dict, cfg: FinetuneCo
 
 def fit_probe(train: TrainFeatures, num_classes: int, seed: int) -> LinearProbe:
     return LinearProbe(seed=seed).fit(train.features, train.labels, num_classes, groups=train.groups)
-
-
-@dataclass
-class HeadInit:
-    """What ``--head-init probe`` put into the classifier: ``scale`` times ``probe``'s weights."""
-
-    probe: LinearProbe
-    scale: float
-    loss_before: float  # the smoothed training loss on the augmented views, unscaled probe
-    loss_after: float  # the same, scaled
-    views: int
-
-
-def fit_head_init(model: torch.nn.Module, samples: Sequence[Sample], dcfg: dict, cfg: FinetuneConfig,
-                  hardware: Hardware, workers: int) -> HeadInit:
-    """LP-FT's head: a probe on center crops plus augmented views of ``samples``, scaled to the fine-tune's own loss."""
-    views = max(cfg.probe_views, LPFT_VIEWS)
-    model.to(hardware.device)
-    train = train_features(model, samples, dcfg, replace(cfg, probe_views=views), hardware, workers)
-    probe = fit_probe(train, model.get_classifier().out_features, cfg.seed)
-    augmented = slice(len(samples), None)  # the rows after the center crops
-    logits, labels = probe.logits(train.features[augmented]), train.labels[augmented]
-    scale = head_scale(logits, labels, cfg.label_smoothing)
-    return HeadInit(probe, scale, smoothed_loss(logits, labels, cfg.label_smoothing),
-                    smoothed_loss(scale * logits, labels, cfg.label_smoothing), views)
-
-
-def init_head_from_probe(model: torch.nn.Module, samples: Sequence[Sample], dcfg: dict, cfg: FinetuneConfig,
-                         hardware: Hardware, workers: int) -> str:
-    """LP-FT: fit the head (:func:`fit_head_init`) and copy it into the classifier; a line for the log."""
-    classifier_linear(model, cfg.backbone)
-    start = time.perf_counter()
-    init = fit_head_init(model, samples, dcfg, cfg, hardware, workers)
-    set_head(model, init.probe, cfg.backbone, init.scale)
-    return (f"--head-init probe: classifier set to a linear probe on {len(samples)} train images x {1 + init.views} views "
-            f"(C {init.probe.C_:.3g}, CV log loss {init.probe.cv_log_loss_:.4f}), scaled x{init.scale:.3g} to the "
-            f"training loss on augmented views ({init.loss_before:.4f} -> {init.loss_after:.4f}) in "
-            f"{time.perf_counter() - start:.1f}s")
-
-
-# --------------------------------------------------------------------------- runs
-
-
-@dataclass
-class ProbeResult:
-    run: RunDir
-    summary: str  # the line `zoo finetune --linear-probe` prints
-    scores: dict[str, dict[str, float]]
-
-
-def linear_probe(cfg: FinetuneConfig, *, log=stderr_log) -> ProbeResult:
-    """Fit a linear-probe run (``cfg.folds``: a cross-fit of K probes) into ``cfg.out``."""
-    cfg.validate()
-    run = RunDir(cfg.out)
-    if run.is_run():
-        raise UserInputError(f"{run.root}: already holds a run; a linear probe takes seconds: choose another --out")
-    hardware = resolve_hardware(cfg.device, cfg.amp, cfg.channels_last)
-    if hardware.device.type == "cpu":
-        keep_cpu_heap()  # measured: feature extraction 2.5x faster on the CPU (no page faults on every batch)
-    budget = cpu_budget(cfg.threads, cfg.workers, hardware.device.type)
-    apply_budget(budget)
-    log(budget.describe())
-    return (probe_folds if cfg.folds else probe_single)(cfg, run, hardware, budget, log)
-
-
-def readable(samples: Sequence[Sample], workers: int, log, where: str) -> tuple[list[Sample], list[tuple[str, str]]]:
-    good, bad = check_images(samples, workers=workers)
-    if bad:
-        log(f"warning: skipped {len(bad)} unreadable {where} image(s) (listed in skipped_images.txt), e.g. {bad[0][0]}: {bad[0][1]}")
-    return good, bad
-
-
-def build_model(cfg: FinetuneConfig, num_classes: int):
-    """The backbone with its fresh head, exactly as a fine-tune starts (``start_model``), checked to have a Linear head."""
-    from finetune.run_config import start_model
-
-    model, model_kwargs, start_hash, dcfg = start_model(cfg, num_classes)
-    classifier_linear(model, cfg.backbone)
-    return model, model_kwargs, start_hash, dcfg
-
-
-def run_config(cfg: FinetuneConfig, classes, model_kwargs, dcfg, start_hash, dataset_record: dict, probe: LinearProbe,
-               hardware: Hardware, budget, extra: dict) -> dict:
-    """config.json of a probe run: the keys a finetune run has that other commands read, plus a ``linear_probe`` record."""
-    return {
-        "backbone": cfg.backbone, "classes": classes, "class_order": CLASS_ORDER, "num_classes": len(classes),
-        "data_config": dcfg, "model_kwargs": model_kwargs, "options": cfg.to_dict(), "dataset": dataset_record,
-        "start_weights_sha256": start_hash, "weights_source": cfg.weights or ("hub" if cfg.pretrained else "random"),
-        "linear_probe": {"C": probe.C_, "cv_log_loss": probe.cv_log_loss_, "feature_dim": int(probe.coef_.shape[1]),
-                         "views_per_train_image": 1 + cfg.probe_views, "Cs": list(probe.Cs), **extra},
-        "hardware": hardware.describe(), "cpu_budget": budget.to_dict(),
-        "versions": {"zoo": zoo.__version__, "torch": torch.__version__, "timm": timm.__version__,
-                     "python": platform.python_version()},
-    }
-
-
-def write_probe_run(run: RunDir, config: dict, model, splits: dict[str, list[Sample]], val_logits: np.ndarray,
-                    skipped: list[tuple[str, str]], extra_predictions: dict[str, tuple[list[Sample], np.ndarray]] | None = None
-                    ) -> dict[str, float]:
-    """Write one probe run directory (config, weights, splits, predictions, report, result); returns its val scores."""
-    from finetune.checkpoints import save_weights, write_run_predictions
-
-    run.root.mkdir(parents=True, exist_ok=True)
-    atomic.write_json(run.config, config)
-    atomic.write_json(run.splits, {s: [x.id for x in v] for s, v in splits.items() if s in ("train", "val")})
-    if skipped:
-        atomic.write_text(run.skipped_images, "".join(f"{sid}\t{why}\n" for sid, why in skipped))
-    save_weights(run.model, model, {"backbone": config["backbone"], "classes": json.dumps(config["classes"]), "epoch": "0"})
-    for split, (samples, logits) in {"val": (splits["val"], val_logits), **(extra_predictions or {})}.items():
-        write_run_predictions(run, split, logits, [s.label for s in samples], [s.id for s in samples], config["classes"],
-                              config["backbone"], report_epoch=0 if split == "val" else None)
-    loss, accuracy = log_loss_and_accuracy(val_logits, np.array([s.label for s in splits["val"]]))
-    atomic.write_json(run.result, {"status": "finished", "best_epoch": 0, "val_loss": loss, "val_accuracy": accuracy,
-                                   "epochs_run": 0, "linear_probe": config["linear_probe"]})
-    return {"log_loss": loss, "accuracy": accuracy, "images": len(splits["val"])}
-
-
-def probe_single(cfg: FinetuneConfig, run: RunDir, hardware: Hardware, budget, log) -> ProbeResult:
-    """One probe: fitted on the train split (C by inner CV there), the validation split predicted."""
-    start = time.perf_counter()
-    dataset = read_dataset(cfg.data, val_fraction=cfg.val_fraction, val_from_train=cfg.val_from_train, seed=cfg.seed,
-                           allow_outside_root=cfg.allow_outside_root)
-    for warning in dataset.warnings:
-        log(f"warning: {warning}")
-    splits, skipped = {}, []
-    for split in ("train", "val"):
-        splits[split], bad = readable(dataset.split(split), budget.share, log, split)
-        skipped += bad
-        if not splits[split]:
-            raise UserInputError(f"{cfg.data}: no readable {split} images")
-    classes = dataset.classes
-    model, model_kwargs, start_hash, dcfg = build_model(cfg, len(classes))
-    model.to(hardware.device)
-    eval_tf = loaders.eval_transform(dcfg)
-    val_features = pooled_features(model, splits["val"], eval_tf, hardware, batch_size=cfg.batch_size, workers=budget.workers)
-    train = train_features(model, splits["train"], dcfg, cfg, hardware, budget.workers)
-    extracted = time.perf_counter() - start
-    probe = fit_probe(train, len(classes), cfg.seed)
-    set_head(model, probe, cfg.backbone)
-    seconds = time.perf_counter() - start
-    record = {"root": str(dataset.root.resolve()), "kind": dataset.kind, "val_source": dataset.val_source,
-              "counts": {s: len(v) for s, v in splits.items()}, "train_class_counts": dataset.class_counts("train"),
-              "skipped": len(skipped)}
-    config = run_config(cfg, classes, model_kwargs, dcfg, start_hash, record, probe, hardware, budget,
-                        {"train_images": len(splits["train"]), "seconds_features": round(extracted, 2), "seconds": round(seconds, 2)})
-    scores = write_probe_run(run, config, model, splits, probe.logits(val_features), skipped)
-    views = f" x {1 + cfg.probe_views} views" if cfg.probe_views else ""
-    log(f"linear probe of {cfg.backbone}: {len(splits['train'])} train images{views}, "
-        f"{train.features.shape[1]} features; C {probe.C_:.3g} (CV log loss {probe.cv_log_loss_:.4f}); val log loss "
-        f"{scores['log_loss']:.4f}, accuracy {scores['accuracy']:.4f}; {extracted:.1f}s features, {seconds - extracted:.1f}s fit")
-    return ProbeResult(run, f"{run.root}\tlinear_probe\tC={probe.C_:.3g}\tval_loss={scores['log_loss']:.4f}\t"
-                            f"val_accuracy={scores['accuracy']:.4f}\t{seconds:.1f}s", {"val": scores})
-
-
-def probe_folds(cfg: FinetuneConfig, run: RunDir, hardware: Hardware, budget, log) -> ProbeResult:
-    """K probes on the folds ``zoo finetune --folds`` uses (same ids, labels, K, seed: the same folds), features extracted once."""
-    from finetune.kfold import write_cross_fit_parent, assemble
-    from zoo.folds import assign_folds, pool_and_holdout
-
-    start = time.perf_counter()
-    listing = read_listing(cfg.data, allow_outside_root=cfg.allow_outside_root)
-    listed_pool, listed_holdout = pool_and_holdout(listing, cfg.pool)
-    # Folds are assigned on the listed ids, before any image is read, exactly as fine-tuned cross-fits do.
-    folds = assign_folds([s.id for s in listed_pool], [s.label for s in listed_pool], cfg.folds, cfg.fold_seed)
-    pool, skipped = readable(listed_pool, budget.share, log, "pool")
-    holdout, bad = readable(listed_holdout, budget.share, log, "holdout")
-    skipped += bad
-    classes = listing.classes
-    write_cross_fit_parent(run, cfg, classes, folds, holdout_split="val" if holdout else None)
-    model, model_kwargs, start_hash, dcfg = build_model(cfg, len(classes))
-    model.to(hardware.device)
-    eval_tf = loaders.eval_transform(dcfg)
-    center = pooled_features(model, pool, eval_tf, hardware, batch_size=cfg.batch_size, workers=budget.workers)
-    held = pooled_features(model, holdout, eval_tf, hardware, batch_size=cfg.batch_size, workers=budget.workers) if holdout else None
-    every = train_features(model, pool, dcfg, cfg, hardware, budget.workers, center=center)
-    log(f"linear probes of {cfg.backbone}: features of {len(pool)} pool and {len(holdout)} holdout images in "
-        f"{time.perf_counter() - start:.1f}s; fitting {cfg.folds} folds")
-    fold_of = np.array([folds[s.id] for s in pool])
-    for fold in range(1, cfg.folds + 1):
-        train_rows = np.flatnonzero(fold_of[every.groups] != fold)
-        train = TrainFeatures(every.features[train_rows], every.labels[train_rows], every.groups[train_rows])
-        probe = fit_probe(train, len(classes), cfg.seed)
-        set_head(model, probe, cfg.backbone)
-        splits = {"train": [s for s in pool if folds[s.id] != fold], "val": [s for s in pool if folds[s.id] == fold]}
-        record = {"root": str(listing.root.resolve()), "kind": listing.kind, "val_source": f"fold {fold} of {cfg.folds}",
-                  "counts": {**{s: len(v) for s, v in splits.items()}, "holdout": len(holdout)},
-                  "train_class_counts": [sum(1 for s in splits["train"] if s.label == c) for c in range(len(classes))],
-                  "skipped": len(skipped)}
-        fold_cfg = replace(cfg, out=str(run.fold_run(fold).root), fold=fold)
-        config = run_config(fold_cfg, classes, model_kwargs, dcfg, start_hash, record, probe, hardware, budget,
-                            {"train_images": len(splits["train"])})
-        extra = {"holdout": (holdout, probe.logits(held))} if holdout else None
-        scores = write_probe_run(run.fold_run(fold), config, model, splits, probe.logits(center[fold_of == fold]), skipped, extra)
-        log(f"fold {fold}/{cfg.folds}: C {probe.C_:.3g}; held-out fold log loss {scores['log_loss']:.4f}, "
-            f"accuracy {scores['accuracy']:.4f}")
-    scores = assemble(run, cfg, folds, bool(holdout), log)
-    seconds = time.perf_counter() - start
-    line = "".join(f"\t{split}_log_loss={s['log_loss']:.4f}\t{split}_accuracy={s['accuracy']:.4f}" for split, s in scores.items())
-    return ProbeResult(run, f"{run.root}\tlinear_probe\tfolds={cfg.folds}{line}\t{seconds:.1f}s", scores)

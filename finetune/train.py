@@ -4,9 +4,10 @@ Read top to bottom: data, model, frozen stages and learning rates, optimizer and
 schedule, then the epoch loop (train, evaluate, keep the best, save resume state,
 stop early). Under ``torchrun`` every rank runs the same loop on its own shard of each
 epoch (``finetune.distributed``) and only rank 0 writes files. SIGINT or SIGTERM stops
-at the next step boundary, saves resume state and exits with 130 or 143; ``--resume``
-continues exactly. A loss that turns NaN or infinite stops the run with one line and
-keeps the files of the last good epoch.
+at the next step boundary, saves resume state and raises ``TrainingInterrupted`` carrying
+130 or 143, the status the CLI exits with; ``--resume`` continues exactly. A loss that
+turns NaN or infinite stops the run with one line and keeps the files of the last good
+epoch.
 
 Over 400 lines on purpose: ``_train`` keeps the run readable top to bottom in one function
 (nanoGPT's layout), and the small helpers beside it (stop flag, resume decision, reductions
@@ -28,15 +29,16 @@ from finetune import checkpoints, distributed, loaders
 from finetune.config import FinetuneConfig
 from finetune.distributed import Dist
 from finetune.engine import (EpochProgress, Hardware, Trainer, TrainingDiverged, create_ema, keep_cpu_heap, log_loss_and_accuracy,
-                             predict_logits, resolve_hardware, seed_everything, stderr_log)
+                             predict_logits, quiet_log, resolve_hardware, seed_everything, stderr_log)
 from finetune.freeze import count_parameters, freeze_stages, frozen_group_count, set_train_mode
+from finetune.lpft import init_head_from_probe
 from finetune.optim import create_schedule, current_rates, prepare_training
 from finetune.report import format_report, plot_metrics, write_metrics
 from finetune.run_config import run_config, start_model
 from zoo import atomic
 from zoo.cpu import CpuBudget, apply_budget, cpu_budget
 from zoo.data import Dataset, read_dataset, read_listing
-from zoo.errors import UserInputError
+from zoo.errors import Interrupted, UserInputError
 from zoo.folds import fold_dataset
 from zoo.progress import progress
 from zoo.rundir import RunDir
@@ -53,17 +55,18 @@ class FinetuneResult:
     rank: int = 0  # under torchrun: this process's rank (only rank 0 should print the result)
 
 
-class TrainingInterrupted(SystemExit):
+class TrainingInterrupted(Interrupted):
     """SIGINT or SIGTERM stopped ``finetune`` at a step boundary, after its resume state was saved.
 
-    A ``SystemExit`` whose status is the one shells give a process stopped by that
-    signal (128 + signal number: 130 for SIGINT, 143 for SIGTERM), so ``zoo finetune``
-    exits with it and a script or scheduler sees the run did not finish; ``--resume``
-    continues it. ``result`` holds what the run had reached.
+    An ordinary exception: ``exit_status`` (``zoo.errors.Interrupted``) is the status shells give
+    a process stopped by that signal, 130 for SIGINT and 143 for SIGTERM, and the CLI exits with
+    it so that a script or scheduler sees the run did not finish. ``--resume`` continues it.
+    ``result`` holds what the run had reached; the run has already logged how to continue.
     """
 
     def __init__(self, result: FinetuneResult, signal_name: str):
-        super().__init__(128 + int(signal.Signals[signal_name]))
+        super().__init__(128 + int(signal.Signals[signal_name]),
+                         f"{signal_name}: training of {result.run.root} stopped; resume state saved")
         self.result = result
         self.signal_name = signal_name
 
@@ -166,7 +169,7 @@ def finetune(cfg: FinetuneConfig, *, log=stderr_log, progress: bool | None = Non
     rank 0 writes files, logs and shows the progress bar.
 
     SIGINT or SIGTERM stops the run at the next step boundary, saves its resume state and
-    raises :class:`TrainingInterrupted` (exit status 130 or 143); ``cfg.resume`` continues
+    raises :class:`TrainingInterrupted` (``exit_status`` 130 or 143); ``cfg.resume`` continues
     it exactly. A loss that becomes NaN or infinite stops the run with a
     ``UserInputError``; the files of the last good epoch are kept. ``stop_after_epoch``
     ends the session after that many epochs (resume state saved) and returns, as if it
@@ -178,16 +181,12 @@ def finetune(cfg: FinetuneConfig, *, log=stderr_log, progress: bool | None = Non
     dist = distributed.setup(cfg.device)
     try:
         if not dist.is_main:
-            log = _quiet
+            log = quiet_log
         if note:
             log(note)
         return _train(cfg, run, resume_state, dist, log=log, progress=progress, stop_after_epoch=stop_after_epoch)
     finally:
         dist.cleanup()
-
-
-def _quiet(message: str) -> None:
-    pass
 
 
 def _start_or_resume(cfg: FinetuneConfig, run: RunDir) -> tuple[FinetuneConfig, dict | None, str | None]:
@@ -242,8 +241,6 @@ def _train(cfg: FinetuneConfig, run: RunDir, resume_state: dict | None, dist: Di
     # Model, its stage groups and its data config.
     model, _, start_hash, dcfg = start_model(cfg, num_classes)
     if cfg.head_init == "probe" and resume_state is None:  # LP-FT; after start_hash, so every fold's start hash agrees
-        from finetune.probe import init_head_from_probe
-
         log(init_head_from_probe(model, dataset.split("train"), dcfg, cfg, hardware, budget.workers))
     if cfg.sync_bn and dist.enabled:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same tensor names: checkpoints stay plain timm
@@ -418,7 +415,7 @@ def _train(cfg: FinetuneConfig, run: RunDir, resume_state: dict | None, dist: Di
 
 
 def _interrupted(run: RunDir, best: dict, history: list, dist: Dist, stop: StopFlag, log, where: str):
-    """After a signal, once the resume state is saved: say how to continue, and exit with the signal's status."""
+    """After a signal, once the resume state is saved: say how to continue, and raise ``TrainingInterrupted``."""
     signal_name = signal.Signals(dist.max([stop.signum])[0] or signal.SIGTERM).name  # some rank got it
     log(f"{signal_name}: stopped {where}; resume state saved. Continue with: zoo finetune --resume --out {run.root}")
     dist.barrier()  # no rank exits (and makes torchrun stop the others) before rank 0 has saved

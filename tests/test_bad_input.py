@@ -5,6 +5,9 @@ used are skipped and listed in skipped_images.txt; odd but valid images (graysca
 CMYK, 16-bit, a PNG named .jpg) are read correctly; a bad dataset, prediction file,
 ensemble file, weights file or resume state stops the command with exit status 1 and
 one ``Error:`` line that names the file and the fix, before anything is written.
+
+Over 400 lines on purpose: every bad-input case in one file, as tables a reader scans
+for the case they worry about.
 """
 
 from __future__ import annotations

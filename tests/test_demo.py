@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from zoo.cli import main
-from zoo.cli.demo import build_digits_dataset
+from zoo.pipeline.demo import build_digits_dataset
 from zoo.predictions import read_predictions
 
 

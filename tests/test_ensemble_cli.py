@@ -129,9 +129,9 @@ def test_fitting_and_correlating_never_import_torch_or_matplotlib(runs, tmp_path
 
 
 def test_predict_with_data_runs_the_members_through_finetune_inference(runs, tmp_path, monkeypatch):
-    import types
     from dataclasses import replace
 
+    import finetune.inference
     from zoo.predictions import read_predictions
 
     calls = []
@@ -140,7 +140,7 @@ def test_predict_with_data_runs_the_members_through_finetune_inference(runs, tmp
         calls.append((Path(run).name, str(data), split, tta, batch_size, device))
         return replace(read_predictions(RunDir(run).predictions("test")), tta=tta, split=split)
 
-    monkeypatch.setitem(sys.modules, "finetune.inference", types.SimpleNamespace(predict_run=predict_run))
+    monkeypatch.setattr(finetune.inference, "predict_run", predict_run)
     ens_path = tmp_path / "ens.json"
     assert CliRunner().invoke(main, ["ensemble", "fit", *runs, "--out", str(ens_path), "--cv", "0"]).exit_code == 0
     out = tmp_path / "preds.safetensors"

@@ -1,7 +1,5 @@
 import csv
 import json
-import sys
-import types
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +13,7 @@ from zoo.predictions import write_output
 from ensemble.synthetic import synthetic_members, write_synthetic_runs
 from zoo.errors import UserInputError
 from zoo.predictions import read_predictions, write_predictions
+from zoo.pipeline.member_inference import ensemble_predict
 from zoo.rundir import RunDir
 
 SIGNALS = [1.0, 2.0, 1.5, 0.0]
@@ -77,21 +76,22 @@ def test_refuses_prediction_files_of_other_classes(project, tmp_path):
 
 
 def _fake_inference(monkeypatch, calls, classes_override=None):
+    # The members' checkpoints are run by the pipeline (zoo.pipeline.member_inference), through finetune's predict_run.
+    import finetune.inference
+
     def predict_run(run, data, split="test", tta=1, batch_size=64, device=None, log=None):
         calls.append((Path(run).name, split, tta, batch_size, device))
         p = read_predictions(RunDir(run).predictions("test"))
         return replace(p, classes=classes_override or p.classes, tta=tta, split=split)
 
-    module = types.ModuleType("finetune.inference")
-    module.predict_run = predict_run
-    monkeypatch.setitem(sys.modules, "finetune.inference", module)
+    monkeypatch.setattr(finetune.inference, "predict_run", predict_run)
 
 
 def test_data_runs_each_nonzero_member_with_its_own_run(project, monkeypatch):
     root, runs, path = project
     calls = []
     _fake_inference(monkeypatch, calls)
-    out = predict_ensemble(path, data=root / "images", split="test", tta=3, batch_size=8, device="cpu")
+    out = ensemble_predict(path, data=root / "images", split="test", tta=3, batch_size=8, device="cpu")
     kept = [m.name for m in read_ensemble(path).members]
     assert [c[0] for c in calls] == kept  # member_03 (weight 0) never runs
     assert all(c[1:] == ("test", 3, 8, "cpu") for c in calls)
@@ -105,7 +105,7 @@ def test_refuses_a_missing_member_run(project, monkeypatch):
     victim = read_ensemble(path).members[0]
     (Path(victim.run) / "config.json").unlink()
     with pytest.raises(UserInputError, match=rf"member '{victim.name}': run directory .*{victim.name} is missing .*; restore it, or pass prediction files"):
-        predict_ensemble(path, data=root / "images")
+        ensemble_predict(path, data=root / "images")
 
 
 def test_refuses_members_trained_on_other_classes(project, monkeypatch):
@@ -118,7 +118,7 @@ def test_refuses_members_trained_on_other_classes(project, monkeypatch):
     data["classes"] = ["a", "b", "c", "d"]
     config.write_text(json.dumps(data))
     with pytest.raises(UserInputError, match=r"config.json: classes \['a', 'b', 'c', 'd'\] differ from .*ens.json's"):
-        predict_ensemble(path, data=root / "images")
+        ensemble_predict(path, data=root / "images")
     assert calls == []  # refused before running any member
 
 
@@ -128,7 +128,7 @@ def test_refuses_a_member_fitted_without_a_run(tmp_path, monkeypatch):
     path = write_ensemble(tmp_path / "ens.json", fit_ensemble(load_prediction_sources(files, "val"), cv=0))
     _fake_inference(monkeypatch, [])
     with pytest.raises(UserInputError, match=r"was fitted from a prediction file with no run directory; pass its prediction files instead of --data"):
-        predict_ensemble(path, data=tmp_path)
+        ensemble_predict(path, data=tmp_path)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -138,7 +138,7 @@ def test_refuses_a_member_fitted_without_a_run(tmp_path, monkeypatch):
 def test_data_or_files(project, kwargs, match):
     root, runs, path = project
     with pytest.raises(UserInputError, match=match):
-        predict_ensemble(path, **kwargs)
+        ensemble_predict(path, **kwargs)
 
 
 def test_csv_and_safetensors_outputs(project, tmp_path):

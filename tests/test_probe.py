@@ -13,8 +13,9 @@ from click.testing import CliRunner
 from conftest import make_image_folder, tiny_config
 from finetune import loaders
 from finetune.engine import resolve_hardware
-from finetune.probe import (LPFT_VIEWS, LinearProbe, build_model, fit_head_init, fit_probe, head_scale, linear_probe,
-                            pooled_features, set_head, smoothed_loss, train_features)
+from finetune.lpft import LPFT_VIEWS, fit_head_init, head_scale, smoothed_loss
+from finetune.probe import LinearProbe, pooled_features, set_head
+from finetune.probe_run import build_model, linear_probe
 from zoo.data import load_rgb, read_dataset
 from zoo.folds import assign_folds
 from zoo.predictions import read_predictions
@@ -72,7 +73,7 @@ def test_probe_run_is_an_ordinary_run(data, tmp_path):
     np.testing.assert_allclose(again.logits, stored.logits, atol=1e-4)
     model, _ = load_run(result.run.root)  # strict load of backbone + fitted head
     assert isinstance(model.get_classifier(), torch.nn.Linear)
-    # README's recipe: plain timm, the run's file overlaid.
+    # The recipe of docs/commands.md: plain timm, the run's file overlaid.
     plain = timm.create_model("test_resnet", pretrained=True, num_classes=3,
                               pretrained_cfg_overlay=dict(file=str(result.run.model), num_classes=3))
     torch.testing.assert_close(plain.get_classifier().weight, model.get_classifier().weight)

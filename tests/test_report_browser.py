@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import make_image_folder
-from zoo.cli.run import run_zoo
-from zoo.cli.zoo_file import MemberSpec
+from zoo.pipeline.run import run_zoo
+from zoo.pipeline.zoo_file import MemberSpec
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 

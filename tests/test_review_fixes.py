@@ -291,26 +291,6 @@ def test_plots_leave_the_callers_matplotlib_backend_alone(tmp_path):
         matplotlib.use(before)
 
 
-def test_the_core_package_imports_neither_finetune_nor_ensemble():
-    # Structure: zoo/demo.py sat in the core package and imported both. Every import statement counts,
-    # including those inside functions.
-    import ast
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent / "zoo"
-    offenders = []
-    for path in sorted(root.rglob("*.py")):
-        if "cli" in path.relative_to(root).parts:
-            continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            offenders += [f"{path.relative_to(root.parent)}:{node.lineno} imports {n}" for n in names
-                          if n.split(".")[0] in ("finetune", "ensemble")]
-    assert not offenders, offenders
-    assert (root / "cpu.py").is_file() and (root / "data.py").is_file()  # the walk saw the core modules
-
-
 @pytest.mark.parametrize("option", ["mixup", "cutmix"])
 def test_mixup_and_cutmix_train_on_mixed_images_and_mixed_targets(option, monkeypatch):
     # The model sees mixed images and the loss mixed targets (two classes per row), not the batch as drawn.

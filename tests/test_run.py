@@ -26,7 +26,7 @@ def test_best_checkpoint_reloaded_with_plain_timm_gives_the_logits_the_run_saw(t
     finetune(tiny_config(image_folder, run, backbone="test_efficientnet", epochs=2), progress=False, log=quiet)
     config = json.loads((run / "config.json").read_text())
     saw = read_predictions(run / "predictions" / "val.safetensors")
-    # Exactly the loading recipe of README.md: plain timm, nothing from zoo.
+    # Exactly the loading recipe of docs/commands.md: plain timm, nothing from zoo.
     model = timm.create_model("test_efficientnet", num_classes=3, pretrained=True,
                               pretrained_cfg_overlay=dict(file=str(run / "model.safetensors"), num_classes=3)).eval()
     from PIL import Image

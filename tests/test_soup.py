@@ -63,7 +63,7 @@ def test_uniform_soup_of_two_is_their_parameter_mean(runs, tmp_path):
     assert moved > 10  # the two runs really differ, so the mean is not trivially either of them
     config = json.loads(result.run.config.read_text())
     assert config["soup"]["kept"] == [str(runs["a"]), str(runs["b"])] and config["backbone"] == "test_resnet"
-    # README's "plain timm" recipe loads it, and it predicts what the soup's val file says.
+    # The "plain timm" recipe of docs/commands.md loads it, and it predicts what the soup's val file says.
     model = timm.create_model("test_resnet", pretrained=True, num_classes=3,
                               pretrained_cfg_overlay=dict(file=str(result.run.model), num_classes=3))
     torch.testing.assert_close(model.get_classifier().weight, souped["fc.weight"])
@@ -126,7 +126,7 @@ def test_runs_with_other_validation_ids_are_refused(runs, tmp_path):
 
 
 def test_cross_fit_is_souped_uniformly_and_scored_on_its_holdout(runs, tmp_path):
-    from finetune.probe import linear_probe
+    from finetune.probe_run import linear_probe
 
     crossfit = linear_probe(tiny_config(runs["data"], tmp_path / "k", linear_probe=True, folds=3)).run
     with pytest.raises(UserInputError, match="--score-split holdout"):

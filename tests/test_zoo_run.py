@@ -11,9 +11,9 @@ from click.testing import CliRunner
 
 from tests.conftest import make_image_folder
 from zoo.cli import main
-from zoo.cli.leaderboard import Subset, pareto_front, pick_under_budget, subset_table
-from zoo.cli.run import run_zoo
-from zoo.cli.zoo_file import MemberSpec, parse_backbones, read_zoo_file
+from zoo.pipeline.leaderboard import Subset, pareto_front, pick_under_budget, subset_table
+from zoo.pipeline.run import run_zoo
+from zoo.pipeline.zoo_file import MemberSpec, parse_backbones, read_zoo_file
 from zoo.errors import UserInputError
 from zoo.rundir import RunDir
 
@@ -297,11 +297,11 @@ def test_ctrl_c_during_a_member_says_how_to_continue_and_exits_with_the_signal_s
     def interrupted(cfg, **kwargs):
         raise TrainingInterrupted(FinetuneResult(RunDir(cfg.out), 0, 0.0, 0.0, 0, "interrupted"), "SIGINT")
 
-    monkeypatch.setattr("finetune.train.finetune", interrupted)
+    monkeypatch.setattr("finetune.member.train_member", interrupted)
     lines = []
     with pytest.raises(TrainingInterrupted) as caught:
         run_zoo(data, tmp_path / "zoo", _members("test_resnet", "test_efficientnet"), given=dict(TINY), log=lines.append)
-    assert caught.value.code == 130
+    assert caught.value.exit_status == 130
     assert "Run the same command again to continue" in lines[-1]
 
 

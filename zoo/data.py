@@ -5,6 +5,10 @@ An image folder is ``DATA/train/<class>/*``, ``DATA/val/<class>/*`` and optional
 to the CSV's folder. Classes are the sorted (by code point, Python's ``sorted``) folder
 names or labels of the train split. A sample's id is its path relative to the dataset
 root, with ``/`` separators.
+
+Over 400 lines on purpose: both dataset kinds (folders, CSV), the validation split taken
+from train and the image checks build the same ``Sample`` and ``Dataset``; one file keeps
+the rules a listing follows in one place.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The one exception type the command line turns into a one-line message."""
+"""The exceptions the command line turns into an exit: a one-line message, or a signal's status."""
 
 
 class UserInputError(ValueError):
@@ -11,3 +11,16 @@ class UserInputError(ValueError):
 
 class HubUnreachable(UserInputError):
     """Pretrained weights could not be downloaded from the Hugging Face hub (offline, firewalled)."""
+
+
+class Interrupted(Exception):
+    """A signal (SIGINT, SIGTERM) stopped the work at a safe point, after its state was saved.
+
+    An ordinary exception: library code never decides the process's exit. It carries the
+    status a shell gives a process stopped by that signal (128 + signal number: 130 for
+    SIGINT, 143 for SIGTERM); only the command line exits with it.
+    """
+
+    def __init__(self, exit_status: int, message: str = ""):
+        super().__init__(message or f"interrupted (exit status {exit_status})")
+        self.exit_status = exit_status

@@ -12,13 +12,18 @@ from zoo.errors import UserInputError
 
 
 @dataclass(frozen=True)
-class RunDir:
+class Folder:
+    """A folder of zoo's whose paths a subclass builds, each in one place; equal when the roots are."""
+
     root: Path
 
     def __init__(self, root: str | os.PathLike):
         object.__setattr__(self, "root", Path(root))
 
-    # The files README.md's run-directory table names.
+
+class RunDir(Folder):
+
+    # The files the run-directory table of docs/commands.md names.
     @property
     def config(self) -> Path:
         return self.root / "config.json"

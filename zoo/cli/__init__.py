@@ -1,8 +1,11 @@
-"""The ``zoo`` command line. Only this package imports click.
+"""The ``zoo`` command line: the top layer, over ``zoo.pipeline``, ``finetune``, ``ensemble`` and the
+``zoo`` core. Only this package imports click, and it holds no logic of its own.
 
 Each command parses its options, calls one library function that works without click,
 and prints. Library code raises ``UserInputError`` for bad input; ``ZooGroup`` turns
-it into a one-line message (no traceback) and exit status 1.
+it into a one-line message (no traceback) and exit status 1. Training stopped by a
+signal raises ``Interrupted`` (resume state saved); ``ZooGroup`` exits with its status
+(130 for SIGINT, 143 for SIGTERM), so a shell or a scheduler sees the run did not finish.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import os
 import click
 
 from zoo import __version__
-from zoo.errors import UserInputError
+from zoo.errors import Interrupted, UserInputError
 
 
 class ZooGroup(click.Group):
@@ -23,6 +26,8 @@ class ZooGroup(click.Group):
             if os.environ.get("RANK", "0") != "0":
                 raise SystemExit(1) from None  # under torchrun, rank 0 alone says what went wrong
             raise click.ClickException(str(e)) from None
+        except Interrupted as e:
+            ctx.exit(e.exit_status)
 
 
 @click.group(cls=ZooGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

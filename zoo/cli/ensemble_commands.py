@@ -1,7 +1,7 @@
 """``zoo correlate`` and ``zoo ensemble fit|predict``: thin commands over the ``ensemble`` package.
 
-Nothing here imports torch: only ``zoo ensemble predict --data`` does, inside
-``finetune.inference``, when it runs the members on images.
+Nothing here imports torch: only ``zoo ensemble predict|score --data`` does, inside
+``zoo.pipeline.member_inference``, when it runs the members on images.
 """
 
 from __future__ import annotations
@@ -184,12 +184,12 @@ def predict_command(ensemble_file, sources, data, split, tta, batch_size, device
     zoo ensemble predict ens.json runs/*/predictions/test.safetensors --out test.safetensors
     """
     from ensemble.metrics import score_table
-    from ensemble.predict import predict_ensemble
+    from zoo.pipeline.member_inference import ensemble_predict
     from zoo.predictions import check_output_path, write_output
 
     check_output_path(out)
     preds = _member_predictions(sources, data, split)
-    result = predict_ensemble(ensemble_file, predictions=preds, data=data, split=split, tta=tta, batch_size=batch_size,
+    result = ensemble_predict(ensemble_file, predictions=preds, data=data, split=split, tta=tta, batch_size=batch_size,
                               device=device, log=_err)
     write_output(out, result)
     known = result.labels >= 0
@@ -218,10 +218,11 @@ def score_command(ensemble_file, sources, data, split, tta, batch_size, device, 
     zoo ensemble score ens.json --data data/ --split test
     zoo ensemble score ens.json runs/* --split test --out holdout.csv
     """
-    from ensemble.score import format_score_table, score_ensemble, write_score_table
+    from ensemble.score import format_score_table, write_score_table
+    from zoo.pipeline.member_inference import ensemble_score
 
     preds = _member_predictions(sources, data, split, " (dropped members too)")
-    table = score_ensemble(ensemble_file, predictions=preds, data=data, split=split, tta=tta, batch_size=batch_size,
+    table = ensemble_score(ensemble_file, predictions=preds, data=data, split=split, tta=tta, batch_size=batch_size,
                            device=device, log=_err)
     click.echo(format_score_table(table))
     for note in table.notes:

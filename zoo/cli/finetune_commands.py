@@ -1,51 +1,21 @@
 """``zoo finetune``, ``zoo predict`` and ``zoo lr-find``.
 
-``finetune``'s options are built from ``FinetuneConfig``'s fields, so each option's
-default and help live in one place (``finetune/config.py``).
+``finetune``'s options are built from ``FinetuneConfig``'s fields (``zoo.cli.options``), so
+each option's default and help live in one place (``finetune/config.py``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import typing
-
 import click
 
-from finetune.config import FinetuneConfig
-
-# `zoo finetune --threads` comes from the config field; predict, lr-find and demo take the same help.
-THREADS_HELP = {f.name: f for f in dataclasses.fields(FinetuneConfig)}["threads"].metadata["help"]
-
-
-def _config_options(func):
-    """Add one click option per FinetuneConfig field (except those marked cli=False)."""
-    hints = typing.get_type_hints(FinetuneConfig)
-    for f in reversed(dataclasses.fields(FinetuneConfig)):
-        meta = f.metadata
-        if meta.get("cli") is False:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        hint = hints[f.name]
-        args = typing.get_args(hint)
-        base = next((a for a in args if a is not type(None)), hint) if args else hint
-        help_text = meta["help"] + (f"  [default: {f.default}]" if f.default is not None and base is not bool else "")
-        if base is bool or hint == (bool | None):
-            names = f"{flag}/--no-{flag[2:]}"
-            func = click.option(names, f.name, default=f.default, help=meta["help"] + (" [default: on]" if f.default else ""))(func)
-        elif typing.get_origin(base) is tuple:
-            func = click.option(flag, f.name, type=float, nargs=3, default=None, help=help_text)(func)
-        elif "choices" in meta:
-            func = click.option(flag, f.name, type=click.Choice(list(meta["choices"])), default=f.default, help=help_text)(func)
-        else:
-            func = click.option(flag, f.name, type=base, default=f.default, help=help_text)(func)
-    return func
-
+from finetune.config import OPTIMIZERS, FinetuneConfig
+from zoo.cli.options import THREADS_HELP, config_options
 
 @click.command("finetune")
 @click.argument("backbone", required=False, default="")
 @click.option("--data", "data", type=click.Path(), default="", help="image folder (train/<class>/..., val/, test/) or CSV path,label[,split]")
 @click.option("--out", "out", type=click.Path(), required=True, help="run directory to write (or to resume)")
-@_config_options
+@config_options
 def finetune_command(**options):
     """Fine-tune one pretrained timm backbone on an image dataset.
 
@@ -68,34 +38,16 @@ def finetune_command(**options):
     that did not train on it (what `zoo ensemble fit` fits weights on), and
     RUN/predictions/val.safetensors the fold models' mean on the untouched val/.
     """
-    from finetune.train import finetune
-    from zoo.rundir import RunDir
+    from finetune.member import train_member
 
     cfg = FinetuneConfig(**options)
     if not cfg.resume and not cfg.data:
         raise click.UsageError("--data is required (an image folder or a CSV)")
     if not cfg.resume and not cfg.backbone:
         raise click.UsageError("BACKBONE is required, e.g. `zoo finetune resnet50 --data DIR --out RUN`")
-    if cfg.linear_probe:  # no epochs: a logistic-regression head on frozen features (finetune/probe.py), --folds too
-        from finetune.probe import linear_probe
-
-        click.echo(linear_probe(cfg).summary)
-        return
-    if cfg.folds or (cfg.resume and RunDir(cfg.out).is_cross_fit()):
-        from finetune.kfold import finetune_folds
-
-        result = finetune_folds(cfg)
-        if result.rank == 0:
-            scores = "".join(f"\t{split}_log_loss={s['log_loss']:.4f}\t{split}_accuracy={s['accuracy']:.4f}"
-                             for split, s in result.scores.items())
-            click.echo(f"{result.run.root}\tfolds={result.folds}\ttrained={sorted(result.trained)}\t"
-                       f"skipped={result.skipped}{scores}\t{result.stopped}")
-        return
-    result = finetune(cfg)
-    if result.rank != 0:  # under torchrun, rank 0 alone prints the result
-        return
-    click.echo(f"{result.run.root}\tbest_epoch={result.best_epoch}\tval_loss={result.best_val_loss:.4f}\t"
-               f"val_accuracy={result.best_val_accuracy:.4f}\t{result.stopped}")
+    result = train_member(cfg)  # a linear probe, a cross-fit or one run, as the options say
+    if result.rank == 0:  # under torchrun, rank 0 alone prints the result
+        click.echo(result.summary)
 
 
 @click.command("predict")
@@ -140,7 +92,7 @@ def predict_command(run, data, split, out, tta, batch_size, device, allow_outsid
 @click.option("--layer-decay", default=FinetuneConfig.layer_decay, show_default=True)
 @click.option("--batch-size", default=FinetuneConfig.batch_size, show_default=True)
 @click.option("--input-size", default=None, type=int)
-@click.option("--optimizer", default=FinetuneConfig.optimizer, type=click.Choice(["adamw", "sgd"]), show_default=True)
+@click.option("--optimizer", default=FinetuneConfig.optimizer, type=click.Choice(list(OPTIMIZERS)), show_default=True)
 @click.option("--weight-decay", default=FinetuneConfig.weight_decay, show_default=True, help="as in finetune")
 @click.option("--label-smoothing", default=FinetuneConfig.label_smoothing, show_default=True, help="as in finetune")
 @click.option("--workers", default=None, type=int)
@@ -158,27 +110,3 @@ def lr_find_command(backbone, data, plot, start_lr, end_lr, steps, **options):
 
 
 COMMANDS = [finetune_command, predict_command, lr_find_command]
-
-
-@click.command("demo")
-@click.option("--out", default="zoo-demo", show_default=True, type=click.Path(file_okay=False), help="new folder for everything")
-@click.option("--epochs", default=None, type=int, help="epochs per backbone (default: 8)")
-@click.option("--threads", default=None, type=click.IntRange(min=1), help=THREADS_HELP)
-def demo_command(out, epochs, threads):
-    """Run `zoo run` on built-in data: three backbones, correlation, ensemble, report.
-
-    Builds an image folder from scikit-learn's handwritten digits (no download),
-    fine-tunes a ResNet, an EfficientNet and a ViT (small timm test models), measures
-    how alike their predictions are, fits ensemble weights on validation predictions
-    (taken from train/), scores everything on the untouched val/ and test/ splits,
-    measures latency and writes the leaderboard and report.html to --out. Running it
-    again into the same --out continues it (finished members are skipped).
-    """
-    from zoo.cli.demo import run_demo
-
-    result = run_demo(out, epochs=epochs, threads=threads, log=lambda m: click.echo(m, err=True))
-    click.echo(result.summary)
-    click.echo(f"report: {result.report}")
-
-
-COMMANDS.append(demo_command)

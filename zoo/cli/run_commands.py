@@ -1,11 +1,11 @@
-"""``zoo run``: the whole pipeline over a zoo of backbones, in one resumable command."""
+"""``zoo run`` (the whole pipeline over a zoo of backbones, in one resumable command) and ``zoo demo``."""
 
 from __future__ import annotations
 
 import click
 from click.core import ParameterSource
 
-from zoo.cli.finetune_commands import _config_options
+from zoo.cli.options import THREADS_HELP, config_options
 
 # FinetuneConfig fields that zoo run sets itself (or that its own options replace): not options of
 # zoo run (removed from its parameters below), so they never reach ``given``.
@@ -23,7 +23,7 @@ _NOT_SHARED = ("resume", "fold", "val_from_train", "linear_probe", "probe_views"
 @click.option("--cv", default=5, show_default=True, type=click.IntRange(min=0), help="cross-validation folds of the ensemble fit")
 @click.option("--latency-repeats", default=5, show_default=True, type=click.IntRange(min=1),
               help="timed forward passes per batch size (median)")
-@_config_options
+@config_options
 @click.pass_context
 def run_command(ctx, data, out, backbones, zoo_file, max_latency, cv, latency_repeats, **options):
     """Fine-tune a zoo of backbones, correlate them, fit and score the ensemble, and report.
@@ -46,8 +46,8 @@ def run_command(ctx, data, out, backbones, zoo_file, max_latency, cv, latency_re
     --backbones or --zoo a default zoo for the device is used (printed; weights from the
     Hugging Face hub; offline, give weights in a zoo file).
     """
-    from zoo.cli.run import run_zoo
-    from zoo.cli.zoo_file import parse_backbones, read_zoo_file
+    from zoo.pipeline.run import run_zoo
+    from zoo.pipeline.zoo_file import parse_backbones, read_zoo_file
 
     if backbones and zoo_file:
         raise click.UsageError("pass --backbones or --zoo, not both")
@@ -69,5 +69,28 @@ def run_command(ctx, data, out, backbones, zoo_file, max_latency, cv, latency_re
     click.echo(result.summary)
 
 
-COMMANDS = [run_command]
 run_command.params = [p for p in run_command.params if p.name not in _NOT_SHARED]
+
+
+@click.command("demo")
+@click.option("--out", default="zoo-demo", show_default=True, type=click.Path(file_okay=False), help="new folder for everything")
+@click.option("--epochs", default=None, type=int, help="epochs per backbone (default: 8)")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help=THREADS_HELP)
+def demo_command(out, epochs, threads):
+    """Run `zoo run` on built-in data: three backbones, correlation, ensemble, report.
+
+    Builds an image folder from scikit-learn's handwritten digits (no download),
+    fine-tunes a ResNet, an EfficientNet and a ViT (small timm test models), measures
+    how alike their predictions are, fits ensemble weights on validation predictions
+    (taken from train/), scores everything on the untouched val/ and test/ splits,
+    measures latency and writes the leaderboard and report.html to --out. Running it
+    again into the same --out continues it (finished members are skipped).
+    """
+    from zoo.pipeline.demo import run_demo
+
+    result = run_demo(out, epochs=epochs, threads=threads, log=lambda m: click.echo(m, err=True))
+    click.echo(result.summary)
+    click.echo(f"report: {result.report}")
+
+
+COMMANDS = [run_command, demo_command]

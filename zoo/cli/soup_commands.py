@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from finetune.soup import BN_MODES, METHODS, SCORE_SPLITS
-from zoo.cli.finetune_commands import THREADS_HELP
+from zoo.cli.options import THREADS_HELP
 
 
 @click.command("soup")

@@ -2,7 +2,7 @@
 
 It renders scikit-learn's handwritten digits (1,797 8x8 scans, 10 classes) as RGB
 images in an image folder with train/val/test splits, then runs ``zoo run`` on it
-(``zoo.cli.run.run_zoo``) with three architecturally different small timm backbones
+(``zoo.pipeline.run.run_zoo``) with three architecturally different small timm backbones
 (a ResNet, an EfficientNet, a ViT): the same fine-tuning, correlation, ensemble fit,
 holdout scores (``val/``, untouched: validation comes from ``train/``), ``test/``
 predictions, latency leaderboard, Pareto front and ``report.html``. The backbones
@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 
 from zoo.errors import UserInputError
+from zoo.pipeline.layout import ZooRunDir
 
 # (member name, timm backbone, options that differ from DEMO_OPTIONS)
 DEMO_MEMBERS: tuple[tuple[str, str, dict], ...] = (
@@ -81,12 +82,12 @@ def run_demo(out: str | os.PathLike, *, epochs: int | None = None, threads: int 
     """``zoo run`` on the digits into ``out`` (new, or an earlier demo to continue); returns its summary.
 
     ``threads``: torch CPU threads (default: each step measures the free cores, ``zoo.cpu``)."""
-    from zoo.cli.run import run_zoo
-    from zoo.cli.zoo_file import MemberSpec
+    from zoo.pipeline.run import run_zoo
+    from zoo.pipeline.zoo_file import MemberSpec
 
     start = time.perf_counter()
     out = Path(out)
-    data = out / "data"
+    data = ZooRunDir(out).demo_data
     if out.exists() and any(out.iterdir()) and not (data / "train").is_dir() and not data.with_name("data.partial").exists():
         raise UserInputError(f"{out}: already exists and is not empty (and holds no zoo demo to continue); "
                              "choose another --out or remove it")

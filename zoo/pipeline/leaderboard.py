@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import json
 import os
 import statistics
 import time
@@ -166,6 +167,28 @@ def measure_latency(run: str | os.PathLike, *, batch_sizes: Sequence[int] = LATE
                 times.append(time.perf_counter() - start)
         out[f"ms_per_image_batch{batch}"] = 1000.0 * statistics.median(times) / batch
     return out
+
+
+def cached_latencies(path: Path, names: Sequence[str], runs: Sequence[RunDir], repeats: int, device: str | None,
+                     threads: int | None, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Each member's latency, measured once per model file, device and thread count (kept in ``path``, a zoo run's
+    ``latency.json``: re-running a finished zoo does not time it again; a retrained member is timed again)."""
+    cache = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    measured = []
+    for name, run in zip(names, runs):
+        entry = cache.get(name)
+        model = (run.fold_runs() or [run])[0].model
+        stamp = f"{model.stat().st_mtime_ns}:{model.stat().st_size}"
+        fresh = entry is None or entry.get("model") != stamp or entry.get("repeats") != repeats \
+            or (device and entry.get("device") != device) or (threads and entry.get("threads") != threads)
+        if fresh:
+            entry = {**measure_latency(run.root, repeats=repeats, device=device, threads=threads), "model": stamp}
+            cache[name] = entry
+            atomic.write_json(path, cache)
+            log(f"  {name}: {entry['params'] / 1e6:.2f} M parameters, {entry['ms_per_image_batch1']:.2f} ms/image at batch 1, "
+                f"{entry['ms_per_image_batch64']:.2f} at batch 64 ({entry['device']}, {entry['threads']} thread(s))")
+        measured.append(entry)
+    return measured
 
 
 def _fmt(v, digits=4) -> str:

@@ -1,0 +1,369 @@
+"""``zoo run``: fine-tune a zoo of backbones, correlate them, fit and score the ensemble, write the report.
+
+One call runs every stage through the same library functions as the single commands; each
+stage is a function over one ``ZooRun`` (what the stages share) and writes into the folder
+``zoo.pipeline.layout.ZooRunDir`` names:
+
+1. ``train_members``: each member is trained into ``OUT/members/<name>`` by
+   ``finetune.member.train_member`` (a fine-tune, a cross-fit with ``folds``, or a linear
+   probe). A member whose ``result.json`` exists is finished and skipped; one with resume
+   state (``last.pt``) is continued from it. Re-running after a kill, or after adding a
+   member to the zoo, costs only the unfinished work; Ctrl-C saves the resume state.
+2. ``correlate_members`` on the members' selection rows: out-of-fold predictions with
+   ``folds``, else each run's validation split (taken from ``train/``, so that ``val/`` stays
+   untouched).
+3. ``fit_weights`` on the same rows (cross-validated scores).
+4. ``predict_untouched``: the holdout (the dataset's ``val/``, else ``test/``) and ``test/`` are
+   predicted by each member once (kept in its run directory), and the ensemble predicts ``test/``.
+5. ``score_and_time``: ``score_ensemble`` on the holdout; the latency of each member on this device.
+6. ``write_tables``: the leaderboard, the accuracy-vs-latency Pareto front of member subsets,
+   the summary and ``report.html``.
+
+The members come from ``zoo_file``, the latency, leaderboard and Pareto front from
+``leaderboard``, the report from ``report_html`` (all in ``zoo.pipeline``). No click here
+(``zoo/cli/run_commands.py`` is the command); torch is imported only inside the functions
+that need it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from zoo.errors import HubUnreachable, UserInputError
+from zoo.pipeline.context import RunResult, ZooRun
+from zoo.pipeline.layout import ZooRunDir
+from zoo.pipeline.leaderboard import (MAX_EXHAUSTIVE, LeaderRow, cached_latencies, format_front, format_leaderboard,
+                                      pareto_front, pick_under_budget, subset_table, write_leaderboard, write_subsets)
+from zoo.pipeline.zoo_file import NO_HUB_HELP, MemberSpec, check_options, default_zoo, device_kind, unique_names
+from zoo.rundir import RunDir
+
+# finetune's log lines worth showing under zoo run (the per-epoch line, the member's result).
+_SHOWN = ("epoch", "cpu budget", "fold ", "cross-fitting", "out-of-fold", "holdout", "best epoch", "early stop", "warning",
+          "SIG", "note")
+
+
+def run_zoo(data: str | os.PathLike, out: str | os.PathLike, members: Sequence[MemberSpec] | None = None, *,
+            shared: dict[str, Any] | None = None, given: dict[str, Any] | None = None, folds: int | None = None,
+            fold_seed: int | None = None, cv: int = 5, max_latency: float | None = None, latency_repeats: int = 5,
+            title: str = "zoo run", log: Callable[[str], None] = print, stop_after_epoch: int | None = None) -> RunResult:
+    """Run every stage of a zoo into ``out``; see the module docstring.
+
+    ``members``: the zoo (None: the default zoo for this device, printed); ``shared``: finetune options
+    for every member (a zoo file's [defaults]); ``given``: options typed on the command line, which win
+    over both; ``folds``: cross-fit every member (out-of-fold selection rows, ``val/`` the holdout);
+    ``cv``: folds of the ensemble fit's cross-validation; ``max_latency``: pick the best member subset
+    within this many ms per image (batch 64); ``stop_after_epoch``: stop the member being trained after
+    that many epochs, as a kill would (tests). Returns a ``RunResult`` (``status`` ``interrupted`` then).
+    """
+    from zoo.data import read_listing
+
+    start = time.perf_counter()
+    layout = ZooRunDir(out)
+    shared, given = dict(shared or {}), check_options(dict(given or {}), "command line")
+    device, threads = given.get("device") or shared.get("device"), given.get("threads") or shared.get("threads")
+    listing = read_listing(data, allow_outside_root=bool(given.get("allow_outside_root", shared.get("allow_outside_root"))))
+    if members is None:
+        kind = device_kind(device)
+        members = default_zoo(kind)
+        log(f"no --backbones or --zoo: the default zoo for {kind}: "
+            + ", ".join(f"{m.name} ({m.backbone})" for m in members) + " (weights from the Hugging Face hub)")
+    members = unique_names(list(members), "the zoo")
+    if len(members) < 2:
+        raise UserInputError(f"a zoo needs at least 2 members to correlate and ensemble, got {len(members)}; "
+                             "use `zoo finetune` for one backbone")
+    layout.root.mkdir(parents=True, exist_ok=True)
+    run = ZooRun(data, layout, members, shared, given, folds, fold_seed, cv, max_latency, latency_repeats, device, threads,
+                 title, log, listing, RunResult(layout.root, "finished"), start)
+    if not train_members(run, stop_after_epoch):
+        run.result.status = "interrupted"
+        run.result.seconds = time.perf_counter() - start
+        return run.result
+    for stage in (correlate_members, fit_weights, predict_untouched, score_and_time, write_tables):
+        stage(run)
+    return run.result
+
+
+# ---------------------------------------------------------------------------------------
+# Stage 1: the members.
+
+
+def member_config(run: ZooRun, spec: MemberSpec):
+    """The member's FinetuneConfig: zoo file defaults, then its own options, then the command line's."""
+    from finetune.config import FinetuneConfig
+
+    values = {**run.shared, **spec.options, **run.given}
+    values.update(backbone=spec.backbone, data=str(run.data), out=str(run.layout.member(spec.name).root), folds=run.folds,
+                  val_from_train=not run.folds, resume=False)
+    if run.fold_seed is not None:
+        values["fold_seed"] = run.fold_seed
+    if spec.weights:
+        values["weights"] = spec.weights
+    return FinetuneConfig(**values)
+
+
+def train_members(run: ZooRun, stop_after_epoch: int | None = None) -> bool:
+    """Stage 1: train every unfinished member; False when one stopped before its end (run again to continue)."""
+    from finetune.train import TrainingInterrupted
+
+    run.log(f"[1/6] fine-tuning {len(run.members)} members" + (f", {run.folds} folds each" if run.folds else "")
+            + f" -> {run.layout.members}")
+    for spec in run.members:
+        try:
+            finished = _train_member(run, spec, member_config(run, spec), stop_after_epoch)
+        except TrainingInterrupted:  # Ctrl-C / SIGTERM, resume state saved
+            run.log(f"zoo run stopped while training {spec.name}; its resume state is saved. Run the same command again to continue")
+            raise
+        if not finished:
+            run.log(f"  {spec.name}: stopped before its end; run the same command again to continue it")
+            return False
+    return True
+
+
+def _changed_options(member: RunDir, cfg) -> list[str]:
+    """Options of a finished member that differ from what this run asks (it is kept as it is)."""
+    from finetune.kfold import NOT_RESULT_OPTIONS
+
+    saved = member.read_config().get("options", {})
+    return [k for k, v in cfg.to_dict().items()
+            if k in saved and k not in NOT_RESULT_OPTIONS | {"val_from_train"} and saved[k] != v]
+
+
+def _train_member(run: ZooRun, spec: MemberSpec, cfg, stop_after_epoch: int | None) -> bool:
+    """Train one member unless it is finished; True when it is finished afterwards."""
+    from finetune.member import train_member
+
+    log, result, member = run.log, run.result, run.layout.member(spec.name)
+    if member.result.is_file():
+        changed = _changed_options(member, cfg)
+        log(f"  {spec.name}: finished earlier; skipped" + (
+            f" (note: it was trained with other {', '.join('--' + c.replace('_', '-') for c in changed)}; "
+            f"delete {member.root} to train it again)" if changed else ""))
+        result.skipped.append(spec.name)
+        return True
+    if member.is_run() and bool(member.is_cross_fit()) != bool(cfg.folds):
+        raise UserInputError(f"{member.root}: holds a {'cross-fit' if member.is_cross_fit() else 'single-split run'} but this "
+                             f"run asks for {'--folds ' + str(cfg.folds) if cfg.folds else 'no --folds'}; keep the option it "
+                             "started with, or choose another --out")
+    member_log = (lambda m: log("    " + m) if m.startswith(_SHOWN) or " -> " in m else None)
+    folds = f" ({cfg.folds} folds)" if cfg.folds else ""
+    if cfg.linear_probe:  # seconds, no epochs and no resume state: an unfinished probe is redone from scratch
+        if member.is_run():
+            if not member.read_config().get("options", {}).get("linear_probe"):
+                raise UserInputError(f"{member.root}: holds an unfinished fine-tune, but member {spec.name} is now a linear "
+                                     "probe; finish it with the options it started with, or delete that folder")
+            shutil.rmtree(member.root)  # a probe cut off before its result.json: zoo's own partial output, redone in seconds
+        log(f"  {spec.name}: linear probe of {cfg.backbone}{folds} -> {member.root}")
+    else:
+        resume = (member.resume_state.is_file() or any(r.resume_state.is_file() for r in member.fold_runs())) and member.is_run()
+        log(f"  {spec.name}: {'continuing ' + cfg.backbone + ' from its resume state' if resume else 'fine-tuning ' + cfg.backbone}"
+            f"{folds} -> {member.root}")
+        if resume:
+            result.resumed.append(spec.name)
+        # A cross-fit continues its unfinished folds by itself; a single run is told to resume.
+        cfg = replace(cfg, resume=not cfg.folds and member.resume_state.is_file())
+    result.trained.append(spec.name)
+    try:
+        done = train_member(cfg, log=member_log, stop_after_epoch=stop_after_epoch)
+    except HubUnreachable as e:
+        if not spec.weights:
+            raise UserInputError(f"{e}\n{NO_HUB_HELP}") from None
+        raise
+    if done.kind == "probe":
+        member_log(done.summary + " -> " + str(member.root))
+    return done.finished
+
+
+# ---------------------------------------------------------------------------------------
+# Stages 2-3: correlation and weights on the selection rows.
+
+
+def correlate_members(run: ZooRun) -> None:
+    """Stage 2: the members' selection rows, aligned, and how alike they are."""
+    from ensemble.diversity import correlate, write_correlation
+    from zoo.predictions import align_predictions, load_predictions
+
+    run.log(f"[2/6] correlation of the {'out-of-fold' if run.folds else 'validation'} predictions -> {run.layout.correlation}")
+    run.select = align_predictions([load_predictions(r.root, run.select_split) for r in run.runs])
+    run.correlation = correlate(run.select, k=len(run.select), names=run.names)
+    write_correlation(run.correlation, run.layout.correlation)
+
+
+def fit_weights(run: ZooRun) -> None:
+    """Stage 3: ensemble weights fitted on the selection rows (cross-validated scores)."""
+    from ensemble.file import write_ensemble
+    from ensemble.fit import fit_ensemble
+
+    run.log(f"[3/6] fitting ensemble weights on them (slsqp{f', {run.cv}-fold cross-validated' if run.cv else ''}) "
+            f"-> {run.layout.ensemble}")
+    run.ensemble = fit_ensemble(run.select, method="slsqp", cv=run.cv)
+    write_ensemble(run.layout.ensemble, run.ensemble)
+    for w in run.ensemble.warnings:
+        run.log(f"  warning: {w}")
+
+
+# ---------------------------------------------------------------------------------------
+# Stages 4-5: the untouched splits, scores and latency.
+
+
+def _cached_predictions(path: Path, make):
+    from zoo.predictions import read_predictions, write_predictions
+
+    if path.is_file():
+        return read_predictions(path)
+    preds = make()
+    write_predictions(path, preds)
+    return preds
+
+
+def _member_predictions(run: ZooRun, member: RunDir, split: str):
+    """A member's predictions of the dataset's ``split`` (val or test), made once and kept in its run directory."""
+    from finetune.inference import predict_run
+
+    if split == "val" and run.folds:
+        return _load(member, "val")  # the fold models' mean, written by the cross-fit
+    return _cached_predictions(member.predictions("holdout" if split == "val" else "test"),
+                               lambda: predict_run(member.root, run.data, split=split, **run.predict_options))
+
+
+def _load(member: RunDir, split: str):
+    from zoo.predictions import load_predictions
+
+    return load_predictions(member.root, split)
+
+
+def predict_untouched(run: ZooRun) -> None:
+    """Stage 4: each member's predictions of the holdout and of ``test/``; the ensemble's of ``test/``."""
+    from ensemble.predict import predict_ensemble
+    from ensemble.score import score_ensemble, write_score_table
+    from zoo.predictions import align_predictions, write_output
+
+    holdout_split, has_test = run.holdout_split, run.has_test
+    run.log("[4/6] predicting " + " and ".join(f"{s}/" for s in dict.fromkeys(filter(None, [holdout_split, "test" if has_test else None])))
+            if holdout_split else "[4/6] no val/ or test/ folder: no holdout to score on")
+    member_holdout = [_member_predictions(run, member, holdout_split) for member in run.runs] if holdout_split else None
+    run.holdout = align_predictions(member_holdout) if member_holdout else None
+    if not has_test:
+        return
+    # No val/: the holdout is test/, predicted just above (into the same files).
+    test = member_holdout if holdout_split == "test" else [_member_predictions(run, member, "test") for member in run.runs]
+    kept = [test[run.names.index(m.name)] for m in run.ensemble.members]
+    write_output(run.layout.test_predictions, predict_ensemble(run.ensemble, predictions=kept))
+    if holdout_split != "test" and (test[0].labels >= 0).all():
+        run.test_table = score_ensemble(run.ensemble, predictions=test)
+        write_score_table(run.layout.test_scores, run.test_table)
+
+
+def score_and_time(run: ZooRun) -> None:
+    """Stage 5: the ensemble, equal weights and every member scored on the labelled holdout; each member's latency."""
+    from ensemble.score import score_ensemble, write_score_table
+
+    run.log("[5/6] scoring on the holdout and measuring latency on this device")
+    run.latency = cached_latencies(run.layout.latency, run.names, run.runs, run.latency_repeats, run.device, run.threads,
+                                   run.log)
+    if run.holdout is not None and (run.holdout[0].labels >= 0).all():
+        run.holdout_table = score_ensemble(run.ensemble, predictions=run.holdout)
+        write_score_table(run.layout.holdout_scores, run.holdout_table)
+
+
+# ---------------------------------------------------------------------------------------
+# Stage 6: the tables, the summary and the report.
+
+
+def leaderboard_rows(run: ZooRun) -> list[LeaderRow]:
+    """Every member, the equal-weight average and the fitted ensemble, with selection and holdout scores."""
+    from ensemble.metrics import score_table_from_log_probs
+
+    latency, labels, members = run.latency, run.select[0].labels, run.members
+    weights = {m.name: m.weight for m in run.ensemble.members}
+    by_row = {r.name: r for r in run.holdout_table.rows} if run.holdout_table else {}
+
+    def hold(name):
+        r = by_row.get(name)
+        return {"accuracy": r.accuracy, "log_loss": r.log_loss, "ece": r.ece} if r else None
+
+    def cost(indices):
+        return (sum(latency[j]["params"] for j in indices), sum(latency[j]["ms_per_image_batch1"] for j in indices),
+                sum(latency[j]["ms_per_image_batch64"] for j in indices))
+
+    rows = [LeaderRow(spec.name, "member" if spec.name in weights else "dropped member", spec.backbone,
+                      *cost([j]), score_table_from_log_probs(p.log_probabilities(), labels), hold(spec.name),
+                      weights.get(spec.name, 0.0))
+            for j, (spec, p) in enumerate(zip(members, run.select))]
+    select_probs = np.stack([p.probabilities() for p in run.select])
+    rows.append(LeaderRow("equal-weight average", "equal weights", f"{len(members)} members", *cost(range(len(members))),
+                          score_table_from_log_probs(np.log(np.clip(select_probs.mean(axis=0), 1e-30, None)), labels),
+                          hold("equal weights"), None))
+    ens = run.ensemble
+    cv_scores = (ens.scores.get("cv") or {}).get("ensemble") or ens.scores["in_sample"]["ensemble"]
+    kept = [run.names.index(n) for n in weights]
+    rows.append(LeaderRow("fitted ensemble", "ensemble", f"{ens.method}, {len(kept)} members", *cost(kept),
+                          {k: cv_scores.get(k) for k in ("accuracy", "log_loss", "ece")}, hold("ensemble"), None))
+    return rows
+
+
+def write_tables(run: ZooRun) -> None:
+    """Stage 6: ``leaderboard.csv``, ``pareto.csv``, the summary the command prints, and ``report.html``."""
+    from ensemble.report import format_correlation
+
+    result, select_split, labels = run.result, run.select_split, run.select[0].labels
+    rows = leaderboard_rows(run)
+    write_leaderboard(run.layout.leaderboard, rows, select_split)
+    holdout = run.holdout if run.holdout_table else None
+    subsets = subset_table(run.names, [e["ms_per_image_batch64"] for e in run.latency], [e["params"] for e in run.latency],
+                           np.stack([p.probabilities() for p in run.select]), labels,
+                           np.stack([p.probabilities() for p in holdout]) if holdout else None,
+                           holdout[0].labels if holdout else None)
+    front = [subsets[i] for i in pareto_front([s.latency_ms for s in subsets], [s.accuracy for s in subsets],
+                                              [-s.log_loss for s in subsets])]
+    pick = pick_under_budget(subsets, run.max_latency) if run.max_latency is not None else None
+    write_subsets(run.layout.pareto, subsets, front)
+    result.leaderboard, result.subsets, result.front, result.pick = rows, subsets, front, pick
+
+    correlation_text = format_correlation(run.correlation, "prob_corr")
+    lines = _summary_lines(run, rows, subsets, front, pick, correlation_text)
+    run.log("[6/6] writing the report")
+    from zoo.pipeline.report_html import ReportInputs, write_report
+
+    result.seconds = time.perf_counter() - run.start
+    result.report = write_report(run.layout.report, ReportInputs(
+        title=run.title, leaderboard=rows, select_split=select_split, subsets=subsets, front=front, pick=pick,
+        max_latency=run.max_latency, heatmap=run.layout.heatmap, ensemble=run.ensemble, names=run.names, runs=run.runs,
+        select=run.select, holdout=holdout, holdout_split=run.holdout_split, listing=run.listing, seconds=result.seconds,
+        trained=result.trained, skipped=result.skipped, correlation_text=correlation_text))
+    lines += ["", f"trained {len(result.trained)} member(s) ({', '.join(result.trained) or 'none'}), "
+                  f"skipped {len(result.skipped)} finished earlier; {result.seconds:.0f} s; report: {result.report}"]
+    result.summary = "\n".join(lines)
+
+
+def _summary_lines(run: ZooRun, rows, subsets, front, pick, correlation_text: str) -> list[str]:
+    """What ``zoo run`` prints at the end: the leaderboard, the Pareto front, test/ scores, the correlation."""
+    s = run.select_split
+    lines = [f"Leaderboard ({s}: {'out-of-fold rows of train/' if run.folds else 'validation split of train/'}, "
+             f"{len(run.select[0].labels)} images; the fitted ensemble's {s} scores are cross-validated"
+             + (f"; holdout: the dataset's {run.holdout_split}/, {len(run.holdout[0].ids)} images never trained or selected on)"
+                if run.holdout_table else "; no labelled holdout)"),
+             format_leaderboard(rows, s)]
+    if run.folds:
+        lines.append(f"  (a cross-fitted member predicts with its {run.folds} fold models: its holdout scores cost "
+                     f"{run.folds}x the latency shown, which is one model's)")
+    lines += ["", f"Accuracy vs latency: the Pareto front of {len(subsets)} member subsets "
+                  f"({'all' if len(run.members) <= MAX_EXHAUSTIVE else 'greedy'}; equal weights, chosen on {s}):",
+              format_front(front, s, pick)]
+    if run.max_latency is not None:
+        lines.append(f"best subset within {run.max_latency:g} ms/image: " + (
+            f"{' + '.join(pick.members)} ({pick.latency_ms:.3g} ms, {s} accuracy {pick.accuracy:.4f}"
+            + (f", holdout {pick.holdout_accuracy:.4f}" if pick.holdout_accuracy is not None else "") + ")"
+            if pick else f"none (the fastest member takes {min(x.latency_ms for x in subsets):.3g} ms)"))
+    if run.test_table is not None:
+        from ensemble.score import format_score_table
+
+        lines += ["", "test/ (also untouched):", format_score_table(run.test_table)]
+    lines += ["", f"Correlation of the {s} predictions:", correlation_text]
+    return lines
