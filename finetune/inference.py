@@ -1,9 +1,16 @@
 """Inference with a finished run: its best weights, its data config, optional
-test-time augmentation, written as a prediction file."""
+test-time augmentation, written as a prediction file.
+
+A cross-fit predicts with the mean probability of its K fold models. When the fold models
+differ only in their linear head (a linear-probe cross-fit: one frozen backbone, K fitted
+heads), checked tensor by tensor, it runs the backbone once and the K heads on its
+features (``FoldHeads``): the same numbers for a K-th of the cost.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Callable
@@ -79,9 +86,78 @@ def _image_sources(config: dict, root: Path, workers: int) -> loaders.ImageSourc
     return loaders.image_sources(options["cache"], root, config["data_config"], options["crop_scale"], workers=workers)
 
 
-def _predict(model_run: RunDir, root: Path, samples, hardware, views, batch_size: int, workers: int, share: int,
-             desc: str, show: bool | None) -> tuple[np.ndarray, np.ndarray]:
-    model, model_config = load_run(model_run.root, hardware.device)
+class FoldHeads(torch.nn.Module):
+    """One backbone and the fold models' linear heads: the log of the fold models' mean probability.
+
+    ``model`` is a fold model (its own head unused); ``weight`` [K, C, D] and ``bias`` [K, C] are the K fold
+    models' classifiers, applied to what the classifier sees (``forward_head(..., pre_logits=True)``).
+    """
+
+    def __init__(self, model: torch.nn.Module, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.model.forward_head(self.model.forward_features(images), pre_logits=True).flatten(1)
+        logits = torch.einsum("bd,kcd->bkc", features.float(), self.weight.float()) + self.bias.float()
+        # As ``zoo.predictions.mean_log_probability`` combines K separate passes (clipped at 1e-30 likewise).
+        mean = logits.log_softmax(-1).logsumexp(1) - math.log(len(self.weight))
+        return mean.clamp_min(math.log(1e-30))
+
+
+def _classifier_key(model: torch.nn.Module) -> str | None:
+    """The state-dict prefix of the model's classifier when it is one Linear layer with a bias, else None."""
+    head = model.get_classifier()
+    if not isinstance(head, torch.nn.Linear) or head.bias is None:
+        return None
+    return next(name for name, module in model.named_modules() if module is head)
+
+
+def shared_backbone(model_runs: list[RunDir], device: torch.device | None = None) -> tuple[FoldHeads, dict] | None:
+    """``FoldHeads`` for fold models that differ only in their classifier (checked on every other tensor, and on
+    the backbone, classes and data config); None when they differ anywhere else, or for a single model."""
+    if len(model_runs) < 2:
+        return None
+    from safetensors.torch import load_file
+
+    configs = [r.read_config() for r in model_runs]
+    if any(c.get(k) != configs[0].get(k) for c in configs[1:] for k in ("backbone", "classes", "data_config")) or \
+            any(architecture_kwargs(c) != architecture_kwargs(configs[0]) for c in configs[1:]):
+        return None
+    first = load_file(str(model_runs[0].model))
+    differing: set[str] = set()
+    for model_run in model_runs[1:]:
+        state = load_file(str(model_run.model))
+        if state.keys() != first.keys():
+            return None
+        differing |= {k for k in first if k not in differing and not torch.equal(state[k], first[k])}
+        if len(differing) > 2:  # more than one weight and one bias: fine-tuned backbones (the usual case, found fast)
+            return None
+    model, config = load_run(model_runs[0].root, device)
+    prefix = _classifier_key(model)
+    if prefix is None or not differing <= {f"{prefix}.weight", f"{prefix}.bias"}:
+        return None
+    states = [first] + [load_file(str(r.model)) for r in model_runs[1:]]
+    heads = FoldHeads(model, torch.stack([s[f"{prefix}.weight"] for s in states]), torch.stack([s[f"{prefix}.bias"] for s in states]))
+    return heads.to(device or "cpu").eval(), config
+
+
+def load_pass_model(run: str | os.PathLike, device: torch.device | None = None) -> tuple[torch.nn.Module, dict, int]:
+    """The model of one prediction pass of a run, in eval mode, its config, and how many passes a prediction
+    takes: a run's model (1); a cross-fit's ``FoldHeads`` when its fold models share their backbone (1), else its
+    first fold model (K, one per fold model). What the leaderboard times."""
+    run_dir = RunDir(run)
+    model_runs = run_dir.fold_runs() or [run_dir]
+    shared = shared_backbone(model_runs, device)
+    if shared is not None:
+        return shared[0], shared[1], 1
+    return *load_run(model_runs[0].root, device), len(model_runs)
+
+
+def _predict(model: torch.nn.Module, model_config: dict, root: Path, samples, hardware, views, batch_size: int,
+             workers: int, share: int, desc: str, show: bool | None) -> tuple[np.ndarray, np.ndarray]:
     if hardware.channels_last:
         model.to(memory_format=torch.channels_last)
     sources = _image_sources(model_config, root, share)
@@ -151,21 +227,27 @@ def predict_run(run: str | os.PathLike, data: str | os.PathLike, split: str = "t
         raise UserInputError(f"{data}: no readable images to predict")
     if own_val:  # each model predicts the images it picked its epoch on: a cross-fit's fold models give out-of-fold rows
         parts = _own_validation(model_runs, good, data)
-        outputs = [_predict(r, root, part, hardware, views, batch_size, budget.workers, budget.share, _desc(r, model_runs),
-                            progress)
+        outputs = [_predict(*load_run(r.root, hardware.device), root, part, hardware, views, batch_size, budget.workers,
+                            budget.share, _desc(r.root.name, model_runs.index(r), len(model_runs)), progress)
                    for r, part in zip(model_runs, parts)]
         logits, labels = (np.concatenate([o[i] for o in outputs]) for i in (0, 1))
         good = [s for part in parts for s in part]
         split = "oof" if len(model_runs) > 1 else "val"
     else:  # every model predicts every image; a cross-fit averages its fold models' probabilities
-        outputs = [_predict(model_run, root, good, hardware, views, batch_size, budget.workers, budget.share,
-                            _desc(model_run, model_runs), progress) for model_run in model_runs]
+        shared = shared_backbone(model_runs, hardware.device)
+        if shared is not None:
+            if log is not None:
+                log(f"{run_dir.root}: its {len(model_runs)} fold models share their backbone: one pass and {len(model_runs)} heads")
+            passes = [(lambda: shared, f"{len(model_runs)} fold heads")]
+        else:  # one model at a time: K fold models need not fit in memory together
+            passes = [(lambda r=r: load_run(r.root, hardware.device), r.root.name) for r in model_runs]
+        outputs = [_predict(*load(), root, good, hardware, views, batch_size, budget.workers, budget.share,
+                            _desc(name, i, len(passes)), progress) for i, (load, name) in enumerate(passes)]
         labels = outputs[0][1]
         logits = outputs[0][0] if len(outputs) == 1 else mean_log_probability([o[0] for o in outputs])
     return Predictions(logits=logits, labels=labels, ids=[s.id for s in good], classes=config["classes"],
                        backbone=config["backbone"], run=str(Path(run).resolve()), split=split, tta=tta)
 
 
-def _desc(model_run: RunDir, model_runs: list[RunDir]) -> str:
-    count = f" ({model_runs.index(model_run) + 1}/{len(model_runs)})" if len(model_runs) > 1 else ""
-    return f"predicting with {model_run.root.name}{count}"
+def _desc(name: str, index: int, count: int) -> str:
+    return f"predicting with {name}" + (f" ({index + 1}/{count})" if count > 1 else "")

@@ -72,7 +72,7 @@ def fit_head_init(model: torch.nn.Module, samples: Sequence[Sample], dcfg: dict,
     views = max(cfg.probe_views, LPFT_VIEWS)
     model.to(hardware.device)
     train = train_features(model, samples, dcfg, replace(cfg, probe_views=views), hardware, workers)
-    probe = fit_probe(train, model.get_classifier().out_features, cfg.seed)
+    probe = fit_probe(train, model.get_classifier().out_features, cfg.seed, device=hardware.device)
     augmented = slice(len(samples), None)  # the rows after the center crops
     logits, labels = probe.logits(train.features[augmented]), train.labels[augmented]
     scale = head_scale(logits, labels, cfg.label_smoothing)

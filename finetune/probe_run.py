@@ -37,6 +37,7 @@ from zoo.cpu import apply_budget, cpu_budget
 from zoo.data import CLASS_ORDER, Sample, check_images, read_dataset, read_listing
 from zoo.errors import UserInputError
 from zoo.folds import assign_folds, pool_and_holdout
+from zoo.progress import progress
 from zoo.rundir import RunDir
 
 
@@ -127,10 +128,11 @@ def probe_single(cfg: FinetuneConfig, run: RunDir, hardware: Hardware, budget, l
     model, model_kwargs, start_hash, dcfg = build_model(cfg, len(classes))
     model.to(hardware.device)
     eval_tf = loaders.eval_transform(dcfg)
-    val_features = pooled_features(model, splits["val"], eval_tf, hardware, batch_size=cfg.batch_size, workers=budget.workers)
+    val_features = pooled_features(model, splits["val"], eval_tf, hardware, batch_size=cfg.batch_size, workers=budget.workers,
+                                   desc="features of the validation images")
     train = train_features(model, splits["train"], dcfg, cfg, hardware, budget.workers)
     extracted = time.perf_counter() - start
-    probe = fit_probe(train, len(classes), cfg.seed)
+    probe = fit_probe(train, len(classes), cfg.seed, device=hardware.device)
     set_head(model, probe, cfg.backbone)
     seconds = time.perf_counter() - start
     record = {"root": str(dataset.root.resolve()), "kind": dataset.kind, "val_source": dataset.val_source,
@@ -163,29 +165,34 @@ def probe_folds(cfg: FinetuneConfig, run: RunDir, hardware: Hardware, budget, lo
     model, model_kwargs, start_hash, dcfg = build_model(cfg, len(classes))
     model.to(hardware.device)
     eval_tf = loaders.eval_transform(dcfg)
-    center = pooled_features(model, pool, eval_tf, hardware, batch_size=cfg.batch_size, workers=budget.workers)
-    held = pooled_features(model, holdout, eval_tf, hardware, batch_size=cfg.batch_size, workers=budget.workers) if holdout else None
+    center = pooled_features(model, pool, eval_tf, hardware, batch_size=cfg.batch_size, workers=budget.workers,
+                             desc="features of the pool images")
+    held = pooled_features(model, holdout, eval_tf, hardware, batch_size=cfg.batch_size, workers=budget.workers,
+                           desc="features of the holdout images") if holdout else None
     every = train_features(model, pool, dcfg, cfg, hardware, budget.workers, center=center)
     log(f"linear probes of {cfg.backbone}: features of {len(pool)} pool and {len(holdout)} holdout images in "
         f"{time.perf_counter() - start:.1f}s; fitting {cfg.folds} folds")
     fold_of = np.array([folds[s.id] for s in pool])
-    for fold in range(1, cfg.folds + 1):
-        train_rows = np.flatnonzero(fold_of[every.groups] != fold)
-        train = TrainFeatures(every.features[train_rows], every.labels[train_rows], every.groups[train_rows])
-        probe = fit_probe(train, len(classes), cfg.seed)
-        set_head(model, probe, cfg.backbone)
-        splits = {"train": [s for s in pool if folds[s.id] != fold], "val": [s for s in pool if folds[s.id] == fold]}
-        record = {"root": str(listing.root.resolve()), "kind": listing.kind, "val_source": f"fold {fold} of {cfg.folds}",
-                  "counts": {**{s: len(v) for s, v in splits.items()}, "holdout": len(holdout)},
-                  "train_class_counts": [sum(1 for s in splits["train"] if s.label == c) for c in range(len(classes))],
-                  "skipped": len(skipped)}
-        fold_cfg = replace(cfg, out=str(run.fold_run(fold).root), fold=fold)
-        config = probe_run_config(fold_cfg, classes, model_kwargs, dcfg, start_hash, record, probe, hardware, budget,
-                                  {"train_images": len(splits["train"])})
-        extra = {"holdout": (holdout, probe.logits(held))} if holdout else None
-        scores = write_probe_run(run.fold_run(fold), config, model, splits, probe.logits(center[fold_of == fold]), skipped, extra)
-        log(f"fold {fold}/{cfg.folds}: C {probe.C_:.3g}; held-out fold log loss {scores['log_loss']:.4f}, "
-            f"accuracy {scores['accuracy']:.4f}")
+    previous = None  # the folds share most of their rows: each fit starts from the previous fold's solution
+    with progress(cfg.folds, f"linear probes of {cfg.backbone}", unit="folds") as bar:
+        for fold in range(1, cfg.folds + 1):
+            train_rows = np.flatnonzero(fold_of[every.groups] != fold)
+            train = TrainFeatures(every.features[train_rows], every.labels[train_rows], every.groups[train_rows])
+            probe = previous = fit_probe(train, len(classes), cfg.seed, device=hardware.device, warm_start=previous)
+            set_head(model, probe, cfg.backbone)
+            splits = {"train": [s for s in pool if folds[s.id] != fold], "val": [s for s in pool if folds[s.id] == fold]}
+            record = {"root": str(listing.root.resolve()), "kind": listing.kind, "val_source": f"fold {fold} of {cfg.folds}",
+                      "counts": {**{s: len(v) for s, v in splits.items()}, "holdout": len(holdout)},
+                      "train_class_counts": [sum(1 for s in splits["train"] if s.label == c) for c in range(len(classes))],
+                      "skipped": len(skipped)}
+            fold_cfg = replace(cfg, out=str(run.fold_run(fold).root), fold=fold)
+            config = probe_run_config(fold_cfg, classes, model_kwargs, dcfg, start_hash, record, probe, hardware, budget,
+                                      {"train_images": len(splits["train"])})
+            extra = {"holdout": (holdout, probe.logits(held))} if holdout else None
+            scores = write_probe_run(run.fold_run(fold), config, model, splits, probe.logits(center[fold_of == fold]), skipped, extra)
+            log(f"fold {fold}/{cfg.folds}: C {probe.C_:.3g}; held-out fold log loss {scores['log_loss']:.4f}, "
+                f"accuracy {scores['accuracy']:.4f}")
+            bar.update(1)
     scores = assemble(run, cfg, folds, bool(holdout), log)
     seconds = time.perf_counter() - start
     line = "".join(f"\t{split}_log_loss={s['log_loss']:.4f}\t{split}_accuracy={s['accuracy']:.4f}" for split, s in scores.items())

@@ -126,12 +126,13 @@ def subset_table(names: list[str], latency: list[float], params: list[int], sele
 
 def measure_latency(run: str | os.PathLike, *, batch_sizes: Sequence[int] = LATENCY_BATCHES, repeats: int = 5,
                     device: str | None = None, threads: int | None = None) -> dict[str, Any]:
-    """Parameters and milliseconds per image of the run's model (a cross-fit: one fold model) on random input
-    of its input size, under ``torch.inference_mode``: one warm-up pass, then the median of ``repeats``."""
+    """Parameters and milliseconds per image of one prediction pass of the run (a cross-fit: one fold model, or
+    its shared backbone and K heads; ``passes`` says how many passes a prediction takes) on random input of its
+    input size, under ``torch.inference_mode``: one warm-up pass, then the median of ``repeats``."""
     import torch
 
     from finetune.hardware import resolve_hardware
-    from finetune.inference import load_run
+    from finetune.inference import load_pass_model
     from zoo.cpu import apply_budget, cpu_budget
 
     if repeats < 1:
@@ -139,14 +140,12 @@ def measure_latency(run: str | os.PathLike, *, batch_sizes: Sequence[int] = LATE
     hardware = resolve_hardware(device, None, None)
     budget = cpu_budget(threads, 0, hardware.device.type)
     apply_budget(budget)
-    run_dir = RunDir(run)
-    model_run = (run_dir.fold_runs() or [run_dir])[0]
-    model, config = load_run(model_run.root, hardware.device)
+    model, config, passes = load_pass_model(run, hardware.device)
     if hardware.channels_last:
         model.to(memory_format=torch.channels_last)
     size = [int(v) for v in config["data_config"]["input_size"]]
     out: dict[str, Any] = {"params": int(sum(p.numel() for p in model.parameters())), "device": str(hardware.device),
-                           "threads": budget.threads, "input_size": size, "repeats": repeats}
+                           "threads": budget.threads, "input_size": size, "repeats": repeats, "passes": passes}
 
     def sync():
         if hardware.device.type == "cuda":
@@ -179,7 +178,7 @@ def cached_latencies(path: Path, names: Sequence[str], runs: Sequence[RunDir], r
         entry = cache.get(name)
         model = (run.fold_runs() or [run])[0].model
         stamp = f"{model.stat().st_mtime_ns}:{model.stat().st_size}"
-        fresh = entry is None or entry.get("model") != stamp or entry.get("repeats") != repeats \
+        fresh = entry is None or entry.get("model") != stamp or entry.get("repeats") != repeats or "passes" not in entry \
             or (device and entry.get("device") != device) or (threads and entry.get("threads") != threads)
         if fresh:
             entry = {**measure_latency(run.root, repeats=repeats, device=device, threads=threads), "model": stamp}

@@ -350,9 +350,14 @@ def _summary_lines(run: ZooRun, rows, subsets, front, pick, correlation_text: st
              + (f"; holdout: the dataset's {run.holdout_split}/, {len(run.holdout[0].ids)} images never trained or selected on)"
                 if run.holdout_table else "; no labelled holdout)"),
              format_leaderboard(rows, s)]
-    if run.folds:
-        lines.append(f"  (a cross-fitted member predicts with its {run.folds} fold models: its holdout scores cost "
-                     f"{run.folds}x the latency shown, which is one model's)")
+    passes = [(name, entry["passes"], member.is_cross_fit()) for name, entry, member in zip(run.names, run.latency, run.runs)]
+    notes = ["a cross-fitted member makes one per fold model, so its holdout scores cost more: "
+             + ", ".join(f"{name} {k}x" for name, k, _ in passes if k > 1)] if any(k > 1 for _, k, _ in passes) else []
+    shared = [name for name, k, cross_fit in passes if cross_fit and k == 1]
+    if shared:
+        notes.append(f"{', '.join(shared)}: fold models that share their backbone, one pass and a head per fold")
+    if notes:
+        lines.append("  (latency is one prediction pass; " + "; ".join(notes) + ")")
     lines += ["", f"Accuracy vs latency: the Pareto front of {len(subsets)} member subsets "
                   f"({'all' if len(run.members) <= MAX_EXHAUSTIVE else 'greedy'}; equal weights, chosen on {s}):",
               format_front(front, s, pick)]
