@@ -4,7 +4,7 @@
 log-probabilities; ``zoo.predictions.write_output`` writes it as a prediction file
 (``.safetensors``) or as a CSV of ``id,prediction,<one probability column per class>``.
 Running the members' checkpoints on images is the pipeline's job
-(``zoo.pipeline.members``), which hands the predictions to ``ensemble_predictions``.
+(``zoo.pipeline.member_inference``), which hands the predictions to ``ensemble_predictions``.
 """
 
 from __future__ import annotations

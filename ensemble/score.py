@@ -3,7 +3,7 @@
 Every member (kept and dropped, each at its raw probabilities), the equal-weight average
 (plain mean of all members' raw probabilities) and the fitted ensemble, on labelled
 predictions that the weights never saw. Returns a ``ScoreTable``; the command prints it.
-Scoring members run on images is the pipeline's (``zoo.pipeline.members``).
+Scoring members run on images is the pipeline's (``zoo.pipeline.member_inference``).
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from finetune import loaders
 from finetune.engine import predict_logits, resolve_hardware
+from finetune.probe import PooledFeatures, linear_head
 from zoo.backbones import architecture_kwargs, load_run_model
 from zoo.cpu import apply_budget, cpu_budget
 from zoo.data import read_prediction_images
@@ -95,24 +96,16 @@ class FoldHeads(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, weight: torch.Tensor, bias: torch.Tensor):
         super().__init__()
-        self.model = model
+        self.features = PooledFeatures(model)
         self.register_buffer("weight", weight)
         self.register_buffer("bias", bias)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.model.forward_head(self.model.forward_features(images), pre_logits=True).flatten(1)
+        features = self.features(images)
         logits = torch.einsum("bd,kcd->bkc", features.float(), self.weight.float()) + self.bias.float()
         # As ``zoo.predictions.mean_log_probability`` combines K separate passes (clipped at 1e-30 likewise).
         mean = logits.log_softmax(-1).logsumexp(1) - math.log(len(self.weight))
         return mean.clamp_min(math.log(1e-30))
-
-
-def _classifier_key(model: torch.nn.Module) -> str | None:
-    """The state-dict prefix of the model's classifier when it is one Linear layer with a bias, else None."""
-    head = model.get_classifier()
-    if not isinstance(head, torch.nn.Linear) or head.bias is None:
-        return None
-    return next(name for name, module in model.named_modules() if module is head)
 
 
 def shared_backbone(model_runs: list[RunDir], device: torch.device | None = None) -> tuple[FoldHeads, dict] | None:
@@ -127,21 +120,24 @@ def shared_backbone(model_runs: list[RunDir], device: torch.device | None = None
             any(architecture_kwargs(c) != architecture_kwargs(configs[0]) for c in configs[1:]):
         return None
     first = load_file(str(model_runs[0].model))
-    differing: set[str] = set()
-    for model_run in model_runs[1:]:
+    own: list[dict[str, torch.Tensor]] = [{}]  # each fold model's tensors that differ from the first one's
+    for model_run in model_runs[1:]:  # each file read once
         state = load_file(str(model_run.model))
         if state.keys() != first.keys():
             return None
-        differing |= {k for k in first if k not in differing and not torch.equal(state[k], first[k])}
-        if len(differing) > 2:  # more than one weight and one bias: fine-tuned backbones (the usual case, found fast)
+        own.append({k: state[k] for k in first if not torch.equal(state[k], first[k])})
+        if len(set().union(*own)) > 2:  # more than one weight and one bias: fine-tuned backbones (the usual case, found fast)
             return None
     model, config = load_run(model_runs[0].root, device)
-    prefix = _classifier_key(model)
-    if prefix is None or not differing <= {f"{prefix}.weight", f"{prefix}.bias"}:
+    head = linear_head(model)
+    if head is None:
         return None
-    states = [first] + [load_file(str(r.model)) for r in model_runs[1:]]
-    heads = FoldHeads(model, torch.stack([s[f"{prefix}.weight"] for s in states]), torch.stack([s[f"{prefix}.bias"] for s in states]))
-    return heads.to(device or "cpu").eval(), config
+    prefix = next(name for name, module in model.named_modules() if module is head)
+    keys = (f"{prefix}.weight", f"{prefix}.bias")
+    if not set().union(*own) <= set(keys):
+        return None
+    weight, bias = (torch.stack([tensors.get(key, first[key]) for tensors in own]) for key in keys)
+    return FoldHeads(model, weight, bias).to(device or "cpu").eval(), config
 
 
 def load_pass_model(run: str | os.PathLike, device: torch.device | None = None) -> tuple[torch.nn.Module, dict, int]:

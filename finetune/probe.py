@@ -525,11 +525,18 @@ def _two_loop(g: torch.Tensor, history: list) -> torch.Tensor:
     return r
 
 
+def linear_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The model's classifier (``get_classifier()``) when it is one Linear layer with a bias, else None."""
+    head = model.get_classifier()
+    return head if isinstance(head, torch.nn.Linear) and head.bias is not None else None
+
+
 def classifier_linear(model: torch.nn.Module, backbone: str) -> torch.nn.Linear:
     """The model's final Linear (``get_classifier()``); refuses heads that are not one Linear layer."""
-    head = model.get_classifier()
-    if not isinstance(head, torch.nn.Linear) or head.bias is None:
-        raise UserInputError(f"{backbone}: its classifier (get_classifier()) is {type(head).__name__}, not one Linear layer "
+    head = linear_head(model)
+    if head is None:
+        raise UserInputError(f"{backbone}: its classifier (get_classifier()) is {type(model.get_classifier()).__name__}, "
+                             "not one Linear layer "
                              "with a bias; --linear-probe and --head-init probe need such a head: choose another backbone")
     return head
 

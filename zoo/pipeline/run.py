@@ -225,17 +225,12 @@ def _cached_predictions(path: Path, make):
 def _member_predictions(run: ZooRun, member: RunDir, split: str):
     """A member's predictions of the dataset's ``split`` (val or test), made once and kept in its run directory."""
     from finetune.inference import predict_run
-
-    if split == "val" and run.folds:
-        return _load(member, "val")  # the fold models' mean, written by the cross-fit
-    return _cached_predictions(member.predictions("holdout" if split == "val" else "test"),
-                               lambda: predict_run(member.root, run.data, split=split, **run.predict_options))
-
-
-def _load(member: RunDir, split: str):
     from zoo.predictions import load_predictions
 
-    return load_predictions(member.root, split)
+    if split == "val" and run.folds:
+        return load_predictions(member.root, "val")  # the fold models' mean, written by the cross-fit
+    return _cached_predictions(member.predictions("holdout" if split == "val" else "test"),
+                               lambda: predict_run(member.root, run.data, split=split, **run.predict_options))
 
 
 def predict_untouched(run: ZooRun) -> None:
