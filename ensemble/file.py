@@ -153,6 +153,13 @@ def read_ensemble(path: str | os.PathLike) -> Ensemble:
     if not isinstance(data["members"], list) or not data["members"]:
         raise UserInputError(f"{where}: \"members\" must be a non-empty list; fit the ensemble again")
     folder = path.resolve().parent
+    for key, kind in (("classes", list), ("final_temperature", (int, float, type(None))), ("calibrate", (bool, type(None))),
+                      ("options", (dict, type(None))), ("scores", (dict, type(None))), ("dropped", (list, type(None))),
+                      ("warnings", (list, type(None))), ("stacking", (dict, type(None)))):
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if key in data and (not isinstance(data[key], kinds) or (isinstance(data[key], bool) and bool not in kinds)):
+            raise UserInputError(f"{where}: {key!r} is {data[key]!r}, which is not a {_json_kind(kind)}; the file was edited "
+                                 "or damaged: fit the ensemble again")
     ens = Ensemble(
         classes=[str(c) for c in data["classes"]],
         members=[_member_from_json(e, where, i, folder) for i, e in enumerate(data["members"])],
@@ -164,6 +171,12 @@ def read_ensemble(path: str | os.PathLike) -> Ensemble:
     )
     validate_ensemble(ens, where)
     return ens
+
+
+def _json_kind(kind) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    words = {list: "list", dict: "JSON object", int: "number", float: "number", bool: "true/false", type(None): "null"}
+    return " or ".join(dict.fromkeys(words[k] for k in kinds))
 
 
 def validate_ensemble(ens: Ensemble, where: str = "<ensemble>") -> None:

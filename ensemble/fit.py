@@ -140,13 +140,14 @@ def prepare_members(members: Sequence[Predictions] | MemberStack) -> MemberStack
 
 def _checked(members: MemberStack) -> MemberStack:
     check_oof_members(members.preds)
-    labels, first = members.labels, members.preds[0]
-    if (labels < 0).any():
+    # Any member's file: which one is first on the command line must not decide whether the fit runs.
+    unlabelled = next((p for p in members.preds if (p.labels < 0).any()), None)
+    if unlabelled is not None:
+        labels = unlabelled.labels
         row = int(np.argmax(labels < 0))
-        where = first.source or first.name
         raise UserInputError(
-            f"{where}: {int((labels < 0).sum())} of {len(labels)} samples have no label (-1; first id {first.ids[row]!r}); "
-            "fitting needs labelled validation predictions, not test ones"
+            f"{unlabelled.source or unlabelled.name}: {int((labels < 0).sum())} of {len(labels)} samples have no label "
+            f"(-1; first id {unlabelled.ids[row]!r}); fitting needs labelled validation predictions, not test ones"
         )
     return members
 

@@ -49,6 +49,15 @@ class ScoreTable:
     samples: int
     best_member: str
     notes: list[str] = field(default_factory=list)
+    fitted_rows: bool = False  # scored on the rows the ensemble was fitted on: not a holdout
+
+
+def _fitted_on(ens: Ensemble, preds: Sequence[Predictions]) -> bool:
+    """Whether these are the prediction files the ensemble's weights and temperatures were fitted on."""
+    def same_file(a: str | None, b: str | None) -> bool:
+        return bool(a and b) and Path(a).resolve() == Path(b).resolve()
+
+    return any(same_file(p.source, m.predictions) for m, p in zip(ens.members, preds))
 
 
 def match_members(everyone: Sequence[Member], preds: Sequence[Predictions], classes: list[str], where: str) -> list[Predictions]:
@@ -81,9 +90,10 @@ def score_member_predictions(ens: Ensemble, preds: Sequence[Predictions], split:
     mismatches = ens.tta_mismatches([p.tta for p in preds[:len(ens.members)]])
     preds = align_predictions(preds)
     labels = preds[0].labels
-    if len(labels) == 0 or (labels < 0).any():
-        unknown = int((labels < 0).sum())
-        raise UserInputError(f"{preds[0].source or where}: {unknown} of {len(labels)} rows have no label (-1); "
+    unlabelled = next((p for p in preds if len(p.labels) == 0 or (p.labels < 0).any()), None)
+    if unlabelled is not None:
+        unknown = int((unlabelled.labels < 0).sum())
+        raise UserInputError(f"{unlabelled.source or where}: {unknown} of {len(labels)} rows have no label (-1); "
                              "scoring needs labelled predictions of a holdout (e.g. --split test of a labelled test/ folder)")
     log_probs = stack_log_probs(preds)  # [M, N, C] float32
     kept = len(ens.members)
@@ -101,16 +111,21 @@ def score_member_predictions(ens: Ensemble, preds: Sequence[Predictions], split:
     s = score_table_from_log_probs(ens.predict_log_proba(log_probs[:kept]), labels, REPORTED_METRICS)
     rows.append(ScoreRow("ensemble", "ensemble", None, s["accuracy"], s["log_loss"], s["ece"],
                          f"{ens.method}, {kept} members, as fitted"))
-    notes = [f"scored on {len(labels)} labelled rows of split {split!r}; these scores are honest only if no weight, "
-             "temperature, epoch or setting was chosen on these rows, which only you can guarantee"]
-    return ScoreTable(rows, split, len(labels), best.name, notes + mismatches)
+    fitted_rows = _fitted_on(ens, preds)
+    notes = ([f"these {len(labels)} rows are the ones the ensemble was fitted on (its weights and temperatures were chosen "
+              "on them): the scores flatter it; score a holdout (e.g. --split test) to know how it does on new images"]
+             if fitted_rows else
+             [f"scored on {len(labels)} labelled rows of split {split!r}; these scores are honest only if no weight, "
+              "temperature, epoch or setting was chosen on these rows, which only you can guarantee"])
+    return ScoreTable(rows, split, len(labels), best.name, notes + mismatches, fitted_rows)
 
 
 def format_score_table(table: ScoreTable) -> str:
     from ensemble.report import format_table
 
     body = [[r.name, r.kind, r.weight, r.accuracy, r.log_loss, r.ece, r.note] for r in table.rows]
-    return "\n".join([f"Holdout scores ({table.samples} rows, split {table.split}); best single member: {table.best_member}",
+    title = ("Scores on the rows the ensemble was fitted on, NOT a holdout" if table.fitted_rows else "Holdout scores")
+    return "\n".join([f"{title} ({table.samples} rows, split {table.split}); best single member: {table.best_member}",
                       format_table(["", "kind", "weight", "accuracy", "log loss", "ECE", "note"], body)])
 
 

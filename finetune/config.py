@@ -9,6 +9,9 @@ lower rates toward the stem), not timm train.py's ImageNet-from-scratch defaults
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,8 +163,10 @@ class FinetuneConfig:
         return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in names})
 
     def validate(self) -> "FinetuneConfig":
+        """Refuse, in one line naming the option, values of the wrong type or out of range, and contradicting options."""
         from zoo.errors import UserInputError
 
+        self._check_types()
         checks = [
             (self.epochs >= 1, "--epochs", "at least 1", self.epochs),
             (self.batch_size >= 1, "--batch-size", "at least 1", self.batch_size),
@@ -183,6 +188,10 @@ class FinetuneConfig:
             (self.schedule in SCHEDULES, "--schedule", f"one of {list(SCHEDULES)}", self.schedule),
             (self.balance in BALANCE, "--balance", f"one of {list(BALANCE)}", self.balance),
             (self.monitor in MONITORS, "--monitor", f"one of {list(MONITORS)}", self.monitor),
+            (self.input_size is None or self.input_size >= 8, "--input-size", "a size in pixels, 8 or more", self.input_size),
+            (self.std is None or min(self.std) > 0, "--std", "3 positive numbers (images are divided by it)", self.std),
+            (self.crop_pct is None or 0 < self.crop_pct <= 1, "--crop-pct", "in (0, 1]", self.crop_pct),
+            (0 < self.val_fraction < 1, "--val-fraction", "in (0, 1)", self.val_fraction),
         ]
         for ok, name, expected, got in checks:
             if not ok:
@@ -235,3 +244,83 @@ class FinetuneConfig:
         if not self.backbone:
             raise UserInputError("a backbone name is required, e.g. `zoo finetune resnet50 --data DIR --out RUN`")
         return self
+
+    def _check_types(self) -> None:
+        """Each value has its field's type (a zoo file or the Python API can pass anything; click already checks)."""
+        from zoo.errors import UserInputError
+
+        for f in dataclasses.fields(self):
+            expected = self.wrong_type(f.name, getattr(self, f.name))
+            if expected:
+                raise UserInputError(f"--{f.name.replace('_', '-')} must be {expected}, got {getattr(self, f.name)!r}")
+
+    @classmethod
+    def wrong_type(cls, name: str, value: Any) -> str | None:
+        """What option ``name`` takes, in words, when ``value`` is not of its type; None when it is."""
+        expected = typing.get_type_hints(cls)[name]
+        return None if _has_type(value, expected) else _type_words(expected)
+
+    def warnings(self) -> list[str]:
+        """Options that run but do less than they say: one line each, logged when training starts."""
+        lines = []
+        if self.warmup_epochs > self.epochs:
+            lines.append(f"warning: --warmup-epochs {self.warmup_epochs:g} is longer than --epochs {self.epochs}: the "
+                         f"learning rate never reaches --lr {self.lr:g} (and no {self.schedule} phase follows); "
+                         f"shorten the warmup or train longer")
+        return lines
+
+
+# Options that change where or how fast a run goes, not what it learns: they may differ
+# between the command that started a run and one that continues it.
+NOT_RESULT_OPTIONS = frozenset({"out", "resume", "fold", "workers", "device", "threads", "cache"})
+
+
+def check_resume_options(given: FinetuneConfig, saved: FinetuneConfig, where) -> None:
+    """Refuse options given with ``--resume`` that the saved run was not started with: it continues with its
+    own, so an --epochs 5 here would be silently ignored."""
+    from pathlib import Path
+
+    from zoo.errors import UserInputError
+
+    default = FinetuneConfig()
+    asked = []
+    for f in dataclasses.fields(FinetuneConfig):
+        value, kept = getattr(given, f.name), getattr(saved, f.name)
+        if f.name in NOT_RESULT_OPTIONS or value == getattr(default, f.name) or value == kept:
+            continue
+        if f.name == "data" and Path(value).resolve() == Path(kept).resolve():
+            continue
+        name = "BACKBONE" if f.name == "backbone" else f"--{f.name.replace('_', '-')}"
+        asked.append(f"{name} {value!r} (started with {kept!r})")
+    if asked:
+        raise UserInputError(f"{where}: --resume continues the run with the options it was started with, but this command "
+                             f"also asks for {'; '.join(asked)}; drop them, or start a new run with another --out")
+
+
+def _has_type(value: Any, expected: Any) -> bool:
+    if isinstance(expected, types.UnionType):
+        return any(_has_type(value, t) for t in typing.get_args(expected))
+    if expected is type(None):
+        return value is None
+    if expected is bool:
+        return isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if expected is str:
+        return isinstance(value, str)
+    if typing.get_origin(expected) is tuple:
+        items = typing.get_args(expected)
+        return (isinstance(value, (tuple, list)) and len(value) == len(items)
+                and all(_has_type(v, t) for v, t in zip(value, items)))
+    return True
+
+
+def _type_words(expected: Any) -> str:
+    if isinstance(expected, types.UnionType):
+        return " or ".join(_type_words(t) for t in typing.get_args(expected))
+    if typing.get_origin(expected) is tuple:
+        return f"{len(typing.get_args(expected))} numbers"
+    return {bool: "true or false", int: "a whole number", float: "a finite number", str: "text",
+            type(None): "unset"}.get(expected, str(expected))

@@ -17,6 +17,7 @@ its resume state, so a killed cross-fit costs only the unfinished work.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass, replace
@@ -24,7 +25,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from finetune import distributed
-from finetune.config import FinetuneConfig
+from finetune.config import NOT_RESULT_OPTIONS, FinetuneConfig, check_resume_options
 from finetune.engine import log_loss_and_accuracy, quiet_log, stderr_log
 from finetune.inference import predict_run
 from finetune.train import FinetuneResult, TrainingInterrupted, finetune
@@ -34,11 +35,8 @@ from zoo.errors import UserInputError
 from zoo.folds import assign_folds, fold_sizes, folds_record, pool_and_holdout, write_folds
 from zoo.predictions import Predictions, mean_probability, read_predictions, write_predictions
 from zoo.progress import progress as progress_bar
-from zoo.rundir import RunDir
+from zoo.rundir import RunDir, check_out_folder, hold_folder, is_finetune_run
 
-# Options that change where or how fast a run goes, not what it learns: they may differ
-# between the command that started a cross-fit and one that continues it.
-NOT_RESULT_OPTIONS = frozenset({"out", "resume", "fold", "workers", "device", "threads", "cache"})
 
 
 @dataclass
@@ -61,15 +59,23 @@ def finetune_folds(cfg: FinetuneConfig, *, log=stderr_log, progress: bool | None
     ``stop_after_epoch`` is passed to each fold (tests stop a fold part-way, as a kill would).
     Under torchrun the folds run in turn, each data-parallel over all processes.
     """
-    run = RunDir(cfg.out)
+    run = RunDir(check_out_folder(cfg.out, "a zoo finetune run", is_finetune_run))
+    # A process of all folds holds the whole run; one of `--fold I` holds only its fold's folder (in finetune()),
+    # so the K fold processes of one cross-fit run side by side.
+    with contextlib.nullcontext() if cfg.fold else hold_folder(run.root):
+        return _finetune_folds(run, cfg, log, progress, stop_after_epoch)
+
+
+def _finetune_folds(run: RunDir, cfg: FinetuneConfig, log, progress: bool | None, stop_after_epoch: int | None) -> CrossFitResult:
     cfg = _options_to_run(cfg, run).validate()
+    log = _warnings_once(log)  # every fold model starts alike: a warning about its options is said once, not K times
     dist = distributed.setup(cfg.device)  # once for all folds: each fold's finetune() joins this group
     try:
         if not dist.is_main:
             log = quiet_log
         listing = read_listing(cfg.data, allow_outside_root=cfg.allow_outside_root)
         pool, holdout = pool_and_holdout(listing, cfg.pool)
-        folds = assign_folds([s.id for s in pool], [s.label for s in pool], cfg.folds, cfg.fold_seed)
+        folds = assign_folds([s.id for s in pool], [s.label for s in pool], cfg.folds, cfg.fold_seed, listing.classes)
         if dist.is_main:
             write_cross_fit_parent(run, cfg, listing.classes, folds, holdout_split="val" if holdout else None)
         dist.barrier()
@@ -116,6 +122,18 @@ def finetune_folds(cfg: FinetuneConfig, *, log=stderr_log, progress: bool | None
         dist.cleanup()
 
 
+def _warnings_once(log):
+    said: set[str] = set()
+
+    def once(line: str) -> None:
+        if line.startswith("warning:"):
+            if line in said:
+                return
+            said.add(line)
+        log(line)
+    return once
+
+
 def _options_to_run(cfg: FinetuneConfig, run: RunDir) -> FinetuneConfig:
     """The options of this cross-fit: the saved ones for ``--resume``; else the command's, which must
     match those of a cross-fit already in ``--out`` (re-running the command continues it)."""
@@ -128,6 +146,7 @@ def _options_to_run(cfg: FinetuneConfig, run: RunDir) -> FinetuneConfig:
         raise UserInputError(f"{run.root}: holds a single-split run, not a cross-fit; choose another --out for --folds")
     saved_cfg = FinetuneConfig.from_dict(saved["options"])
     if cfg.resume:
+        check_resume_options(cfg, saved_cfg, run.root)
         return replace(saved_cfg, fold=cfg.fold if cfg.fold is not None else saved_cfg.fold, resume=False,
                        **{name: getattr(cfg, name) if getattr(cfg, name) is not None else getattr(saved_cfg, name)
                           for name in ("workers", "threads", "device")})

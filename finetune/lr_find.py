@@ -21,10 +21,11 @@ from finetune.engine import Trainer, resolve_hardware, seed_everything, stderr_l
 from finetune.freeze import set_train_mode
 from finetune.optim import prepare_training
 from zoo import atomic
-from zoo.backbones import create_backbone, data_config
+from zoo.backbones import check_input_size, create_backbone, data_config
 from zoo.cpu import apply_budget, cpu_budget
 from zoo.data import check_images, read_dataset
 from zoo.errors import UserInputError
+from zoo.rundir import check_out_file
 from zoo.progress import progress as progress_bar
 
 
@@ -75,6 +76,8 @@ def lr_find(cfg: FinetuneConfig, *, start_lr: float = 1e-7, end_lr: float = 10.0
     if not 0 < start_lr < end_lr:
         raise UserInputError(f"--start-lr must be positive and below --end-lr, got {start_lr} and {end_lr}")
     cfg.validate()
+    if plot is not None:
+        check_out_file(plot)
     hardware = resolve_hardware(cfg.device, cfg.amp, cfg.channels_last)
     budget = cpu_budget(cfg.threads, cfg.workers, hardware.device.type)
     apply_budget(budget)
@@ -94,6 +97,7 @@ def lr_find(cfg: FinetuneConfig, *, start_lr: float = 1e-7, end_lr: float = 10.0
         log(f"warning: {warning}")
     optimizer = setup.optimizer
     dcfg = data_config(model, cfg.data_overrides())
+    check_input_size(model, cfg.backbone, dcfg)
     transform = loaders.train_transform(dcfg, auto_augment=cfg.auto_augment, crop_scale=cfg.crop_scale, hflip=cfg.hflip)
     loader = loaders.train_loader(train, transform, batch_size=cfg.batch_size, workers=budget.workers,
                                   generator=generator, num_classes=len(dataset.classes), balanced=False, drop_last=True,

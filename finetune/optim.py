@@ -9,6 +9,8 @@ one of timm's schedulers, which multiply their value by ``lr_scale`` at every up
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -84,8 +86,29 @@ def create_schedule(optimizer: torch.optim.Optimizer, name: str, *, lr: float, e
     warmup_t = int(round(warmup_epochs * updates_per_epoch))
     after_warmup = max(1, epochs * updates_per_epoch - warmup_t)
     warmup = dict(warmup_t=warmup_t, warmup_lr_init=lr * 1e-3, warmup_prefix=True, t_in_epochs=False)
-    return SCHEDULE_REGISTRY[name].factory(optimizer, warmup, lr=lr, updates=after_warmup, min_lr_ratio=min_lr_ratio,
-                                           restarts=restarts)
+    # One update after the warmup: timm warns the decay does nothing, which is true and says nothing actionable;
+    # FinetuneConfig.warnings() says it in zoo's words when the warmup is the whole run.
+    with _without_timm_log("will have no effect"):
+        return SCHEDULE_REGISTRY[name].factory(optimizer, warmup, lr=lr, updates=after_warmup, min_lr_ratio=min_lr_ratio,
+                                               restarts=restarts)
+
+
+@contextlib.contextmanager
+def _without_timm_log(text: str):
+    """Drop the log records of timm's schedulers that contain ``text`` while the block runs."""
+    # A logger's filters see only the records logged on it, not its children's: name the modules that log it.
+    loggers = [logging.getLogger(f"timm.scheduler.{module}") for module in ("cosine_lr", "poly_lr")]
+
+    def keep(record: logging.LogRecord) -> bool:
+        return text not in record.getMessage()
+
+    for logger in loggers:
+        logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(keep)
 
 
 def current_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:

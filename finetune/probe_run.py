@@ -38,7 +38,7 @@ from zoo.data import CLASS_ORDER, Sample, check_images, read_dataset, read_listi
 from zoo.errors import UserInputError
 from zoo.folds import assign_folds, pool_and_holdout
 from zoo.progress import progress
-from zoo.rundir import RunDir
+from zoo.rundir import RunDir, check_out_folder, hold_folder, is_finetune_run
 
 
 @dataclass
@@ -51,7 +51,12 @@ class ProbeResult:
 def linear_probe(cfg: FinetuneConfig, *, log=stderr_log) -> ProbeResult:
     """Fit a linear-probe run (``cfg.folds``: a cross-fit of K probes) into ``cfg.out``."""
     cfg.validate()
-    run = RunDir(cfg.out)
+    run = RunDir(check_out_folder(cfg.out, "a zoo finetune run", is_finetune_run))
+    with hold_folder(run.root):
+        return _linear_probe(cfg, run, log)
+
+
+def _linear_probe(cfg: FinetuneConfig, run: RunDir, log) -> ProbeResult:
     if run.is_run():
         raise UserInputError(f"{run.root}: already holds a run; a linear probe takes seconds: choose another --out")
     hardware = resolve_hardware(cfg.device, cfg.amp, cfg.channels_last)
@@ -156,7 +161,8 @@ def probe_folds(cfg: FinetuneConfig, run: RunDir, hardware: Hardware, budget, lo
     listing = read_listing(cfg.data, allow_outside_root=cfg.allow_outside_root)
     listed_pool, listed_holdout = pool_and_holdout(listing, cfg.pool)
     # Folds are assigned on the listed ids, before any image is read, exactly as fine-tuned cross-fits do.
-    folds = assign_folds([s.id for s in listed_pool], [s.label for s in listed_pool], cfg.folds, cfg.fold_seed)
+    folds = assign_folds([s.id for s in listed_pool], [s.label for s in listed_pool], cfg.folds, cfg.fold_seed,
+                         listing.classes)
     pool, skipped = readable(listed_pool, budget.share, log, "pool")
     holdout, bad = readable(listed_holdout, budget.share, log, "holdout")
     skipped += bad

@@ -21,12 +21,14 @@ def start_model(cfg: FinetuneConfig, num_classes: int) -> tuple[torch.nn.Module,
     """The model a run starts from (seeded, so the same seed gives the same new head), its model kwargs, the hash of
     its starting weights (what soups and cross-fits compare) and its data config: one recipe for fine-tunes and probes."""
     from finetune.rng import seed_everything
-    from zoo.backbones import create_backbone, data_config, state_dict_hash
+    from zoo.backbones import check_input_size, create_backbone, data_config, state_dict_hash
 
     seed_everything(cfg.seed)
     model_kwargs = cfg.create_kwargs()
     model = create_backbone(cfg.backbone, num_classes, pretrained=cfg.pretrained, weights=cfg.weights, **model_kwargs)
-    return model, model_kwargs, state_dict_hash(model), data_config(model, cfg.data_overrides())
+    dcfg = data_config(model, cfg.data_overrides())
+    check_input_size(model, cfg.backbone, dcfg)
+    return model, model_kwargs, state_dict_hash(model), dcfg
 
 
 def run_config(cfg: FinetuneConfig, dataset: Dataset, dcfg: dict, model: torch.nn.Module, groups, rates, *, start_hash: str,

@@ -59,7 +59,7 @@ from zoo.data import Sample, check_images, read_listing
 from zoo.errors import UserInputError
 from zoo.predictions import read_predictions
 from zoo.progress import progress as progress_bar
-from zoo.rundir import RunDir
+from zoo.rundir import RunDir, check_out_folder, is_finetune_run
 
 if TYPE_CHECKING:
     import torch
@@ -283,7 +283,7 @@ def make_soup(paths: Sequence[str], out: str, *, method: str = "uniform", bn: st
             raise UserInputError(f"{name} must be one of {list(registry)}, got {value!r}")
     if bn_images < 1:
         raise UserInputError(f"--bn-images must be at least 1, got {bn_images}")
-    soup_run = RunDir(out)
+    soup_run = RunDir(check_out_folder(out, "a zoo run", is_finetune_run))
     if soup_run.is_run():
         raise UserInputError(f"{soup_run.root}: already holds a run; choose another --out")
     runs, folded = expand_runs(paths)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from finetune import checkpoints, distributed, loaders
-from finetune.config import FinetuneConfig
+from finetune.config import FinetuneConfig, check_resume_options
 from finetune.distributed import Dist
 from finetune.engine import (EpochProgress, Hardware, Trainer, TrainingDiverged, create_ema, keep_cpu_heap, log_loss_and_accuracy,
                              predict_logits, quiet_log, resolve_hardware, seed_everything, stderr_log)
@@ -41,7 +41,7 @@ from zoo.data import Dataset, read_dataset, read_listing
 from zoo.errors import Interrupted, UserInputError
 from zoo.folds import fold_dataset
 from zoo.progress import progress
-from zoo.rundir import RunDir
+from zoo.rundir import RunDir, check_out_folder, hold_folder, is_finetune_run
 
 
 @dataclass
@@ -175,18 +175,23 @@ def finetune(cfg: FinetuneConfig, *, log=stderr_log, progress: bool | None = Non
     ends the session after that many epochs (resume state saved) and returns, as if it
     had been interrupted there.
     """
-    run = RunDir(cfg.out)
-    cfg, resume_state, note = _start_or_resume(cfg, run)
-    cfg.validate()
-    dist = distributed.setup(cfg.device)
-    try:
-        if not dist.is_main:
-            log = quiet_log
-        if note:
-            log(note)
-        return _train(cfg, run, resume_state, dist, log=log, progress=progress, stop_after_epoch=stop_after_epoch)
-    finally:
-        dist.cleanup()
+    run = RunDir(check_out_folder(cfg.out, "a zoo finetune run", is_finetune_run))
+    if not cfg.resume:
+        cfg.validate()
+    with hold_folder(run.root):  # decided under the lock: a second process on this --out refuses
+        cfg, resume_state, note = _start_or_resume(cfg, run)
+        cfg.validate()
+        dist = distributed.setup(cfg.device)
+        try:
+            if not dist.is_main:
+                log = quiet_log
+            if note:
+                log(note)
+            for warning in cfg.warnings():
+                log(warning)
+            return _train(cfg, run, resume_state, dist, log=log, progress=progress, stop_after_epoch=stop_after_epoch)
+        finally:
+            dist.cleanup()
 
 
 def _start_or_resume(cfg: FinetuneConfig, run: RunDir) -> tuple[FinetuneConfig, dict | None, str | None]:
@@ -199,8 +204,9 @@ def _start_or_resume(cfg: FinetuneConfig, run: RunDir) -> tuple[FinetuneConfig, 
         if not run.resume_state.is_file():
             raise UserInputError(f"{run.resume_state}: nothing to resume (no resume state: the run in {run.root} stopped "
                                  "before its first save, or --out names another folder); start it again without --resume")
-        state = checkpoints.load_resume_state(run)
         saved = FinetuneConfig.from_dict(run.read_config()["options"])
+        check_resume_options(cfg, saved, run.root)
+        state = checkpoints.load_resume_state(run)
         saved.resume = True
         return saved, state, None
     if run.is_cross_fit() and not cfg.folds:

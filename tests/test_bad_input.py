@@ -370,7 +370,8 @@ PAIR_CASES = {
     "classes in another order": (("a", "b", "c"), ("y", "x"), (0, 1, 0), "classes ['y', 'x'] differ from"),
     "different samples": (("a", "b", "d"), ("x", "y"), (0, 1, 0), "hold different samples (3 vs 3 ids; first differing id 'c')"),
     "fewer samples": (("a", "b"), ("x", "y"), (0, 1), "hold different samples (2 vs 3 ids"),
-    "same ids, other labels": (("c", "b", "a"), ("x", "y"), (1, 1, 0), "label of id 'c' is 1, but 0 in"),
+    "same ids, other labels": (("c", "b", "a"), ("x", "y"), (1, 1, 0), "id 'c' is labelled 'y' there but 'x' in"),
+    "same ids in the same order, other labels": (("a", "b", "c"), ("x", "y"), (0, 0, 0), "id 'b' is labelled 'x' there but 'y' in"),
 }
 
 

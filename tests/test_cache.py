@@ -178,18 +178,18 @@ def test_cross_fit_decodes_each_image_once(tmp_path, decodes):
 
     # No val/: no holdout to predict (test_cross_fit_holdout_predictions_reuse_the_cache has one).
     root = make_image_folder(tmp_path / "data", per_class=(5, 0, 0), size=(60, 70))
-    result = finetune_folds(tiny_config(root, tmp_path / "run", folds=5, epochs=2, cache="ram"), log=lambda m: None)
+    result = finetune_folds(tiny_config(root, tmp_path / "run", folds=2, epochs=2, cache="ram"), log=lambda m: None)
     assert result.assembled
     assert len(decodes) == 15 and set(decodes.values()) == {1}, decodes
 
     # Another member of the ensemble, cached on disk: its first fold decodes, every later fold and member reuses.
     decodes.clear()
     disk = str(tmp_path / "cache")
-    finetune_folds(tiny_config(root, tmp_path / "member-a", folds=5, epochs=1, cache=disk), log=lambda m: None)
+    finetune_folds(tiny_config(root, tmp_path / "member-a", folds=2, epochs=1, cache=disk), log=lambda m: None)
     assert len(decodes) == 15 and set(decodes.values()) == {1}, decodes
     decodes.clear()
     image_cache._CONTENT_KEYS.clear()
-    finetune_folds(tiny_config(root, tmp_path / "member-b", folds=5, epochs=1, cache=disk, seed=1), log=lambda m: None)
+    finetune_folds(tiny_config(root, tmp_path / "member-b", folds=2, epochs=1, cache=disk, seed=1), log=lambda m: None)
     assert not decodes
 
 
@@ -199,7 +199,7 @@ def test_cross_fit_holdout_predictions_reuse_the_cache(tmp_path, decodes):
 
     # val/ is the holdout: every fold model predicts it (finetune.inference), from the run's cache.
     root = make_image_folder(tmp_path / "data", per_class=(4, 2, 0), size=(60, 70))
-    result = finetune_folds(tiny_config(root, tmp_path / "run", folds=3, epochs=1, cache="ram"), log=lambda m: None,
+    result = finetune_folds(tiny_config(root, tmp_path / "run", folds=2, epochs=1, cache="ram"), log=lambda m: None,
                             progress=False)
     assert result.assembled and "holdout" in result.scores
     # 12 pool and 6 holdout files, each decoded once (val/ reuses train/'s file names: those count 2).

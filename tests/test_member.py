@@ -41,7 +41,7 @@ def test_folds_give_a_cross_fit_and_resume_finds_it(data, tmp_path):
                               f"skipped={result.skipped}{scores}\t{result.stopped}")
     assert "\toof_log_loss=" in member.summary and "\tholdout_log_loss=" in member.summary
     # --resume without --folds: the run on disk says it is a cross-fit; every fold is finished, so none is trained.
-    again = train_member(tiny_config(data, tmp_path / "cf", resume=True), log=_quiet, progress=False)
+    again = train_member(tiny_config(data, tmp_path / "cf", resume=True, epochs=1), log=_quiet, progress=False)
     assert (again.kind, again.finished, again.detail.skipped, again.detail.trained) == ("cross-fit", True, [1, 2], {})
 
 

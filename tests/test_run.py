@@ -67,7 +67,7 @@ def test_resume_after_stopping_gives_the_same_result_as_an_unbroken_run(tmp_path
     finetune(tiny_config(image_folder, tmp_path / "straight", **options), progress=False, log=quiet)
     first = finetune(tiny_config(image_folder, tmp_path / "broken", **options), progress=False, log=quiet, stop_after_epoch=1)
     assert first.stopped == "interrupted" and first.epochs_run == 1
-    resumed = finetune(tiny_config(image_folder, tmp_path / "broken", resume=True), progress=False, log=quiet)
+    resumed = finetune(tiny_config(image_folder, tmp_path / "broken", resume=True, **options), progress=False, log=quiet)
     assert resumed.epochs_run == 3
     a = load_file(str(tmp_path / "straight" / "model.safetensors"))
     b = load_file(str(tmp_path / "broken" / "model.safetensors"))

@@ -1,7 +1,8 @@
 """Atomic writes: write to a temporary name beside the target, then ``os.replace``.
 
 A run killed at any moment leaves either the previous good file or the new one,
-never half a file.
+never half a file. The file gets the mode a plain ``open(path, "w")`` would give it: an
+overwritten file keeps its mode, a new one gets the user's umask (``mkstemp`` makes 0600).
 """
 
 from __future__ import annotations
@@ -26,10 +27,32 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp_path, _mode_for(path))
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _mode_for(path: Path) -> int:
+    """The mode of the file at ``path`` if there is one, else what the umask gives a new file."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    # Read, not set-and-restore: os.umask(0) would let another thread create a file world-writable meanwhile.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_with(path: str | os.PathLike, writer: Callable[[Path], Any]) -> Path:

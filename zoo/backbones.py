@@ -71,7 +71,8 @@ def _classifier_param_names(model: torch.nn.Module) -> list[str]:
     return [n for n, _ in model.named_parameters() if any(p and (n == p or n.startswith(p + ".")) for p in prefixes)]
 
 
-def _check_name(name: str) -> None:
+def check_model_name(name: str) -> None:
+    """Refuse a name timm does not know, suggesting similar ones."""
     base = name.split(".")[0]
     if not timm.is_model(base) and not timm.list_models(base):
         close = timm.list_models(f"*{base.split('_')[0]}*")[:8]
@@ -139,6 +140,15 @@ def remap_to_model(state: dict[str, torch.Tensor], model: torch.nn.Module, sourc
     body = [k for k in target if k not in head]
     if all(k in state and state[k].shape == target[k].shape for k in body):
         return {k: state[k] for k in body}
+    if str(source).lower().endswith(".safetensors"):
+        # safetensors stores tensors sorted by name, not in the model's order: matching by position would be wrong.
+        missing = [k for k in body if k not in state]
+        detail = (f"{len(missing)} of the model's {len(body)} backbone tensors are not in it by name, e.g. {missing[0]!r} "
+                  f"(the file has e.g. {next(iter(state), 'nothing')!r})" if missing else
+                  "tensor shapes differ from the model's under the same names")
+        raise UserInputError(f"{source}: the tensor names do not match {type(model).__name__}'s: {detail}; a .safetensors "
+                             "file is matched by name only (it keeps no order): rename its tensors to timm's names, or "
+                             "pass the original .pth state dict, which zoo maps by order and shape")
     source_items = list(state.items())
     if len(source_items) < len(body):
         raise UserInputError(
@@ -188,7 +198,7 @@ def create_backbone(name: str, num_classes: int, *, pretrained: bool = True, wei
 
 
 def _create(name: str, num_classes: int, *, pretrained: bool, weights: str | None, **model_kwargs: Any) -> torch.nn.Module:
-    _check_name(name)
+    check_model_name(name)
     if weights is not None:
         state = read_weights_file(weights)
         skeleton = timm.create_model(name, pretrained=False, num_classes=num_classes, **model_kwargs)
@@ -225,8 +235,30 @@ def architecture_kwargs(config: dict) -> dict[str, Any]:
 
 
 def load_run_model(name: str, num_classes: int, path: str | os.PathLike, **model_kwargs: Any) -> torch.nn.Module:
-    """A model with a run's own ``num_classes`` head loaded strictly from ``path``."""
-    return timm.create_model(name, pretrained=False, num_classes=num_classes, checkpoint_path=str(path), **model_kwargs)
+    """A model with a run's own ``num_classes`` head loaded strictly from ``path``; a file that does not fit the
+    model its run's config.json describes is one line, not a torch traceback."""
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, checkpoint_path=str(path), **model_kwargs)
+    except RuntimeError as e:
+        if "state_dict" not in str(e) and "size mismatch" not in str(e):
+            raise
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e).splitlines()[0])[:160]
+        raise UserInputError(f"{path}: its tensors do not fit the model config.json beside it describes ({name}, "
+                             f"{num_classes} classes): {detail}; the two files come from different runs: restore the "
+                             "run's own files or train it again") from None
+
+
+def check_input_size(model: torch.nn.Module, name: str, dcfg: dict[str, Any]) -> None:
+    """Refuse an input size the model cannot take: a ViT-style model cuts images into whole patches."""
+    patch_embed = getattr(model, "patch_embed", None)
+    patch = getattr(patch_embed, "patch_size", None)
+    if patch is None or getattr(patch_embed, "dynamic_img_pad", False):
+        return
+    height, width = dcfg["input_size"][-2:]
+    if height % patch[0] or width % patch[-1]:
+        fits = max(patch[0], height // patch[0] * patch[0])
+        raise UserInputError(f"--input-size {height}: {name} cuts images into {patch[0]}-pixel patches, so its input size "
+                             f"must be a multiple of {patch[0]}, e.g. --input-size {fits}")
 
 
 def data_config(model: torch.nn.Module, overrides: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -134,10 +134,12 @@ def check_images(samples: Sequence[Sample], workers: int | None = None,
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursively), sorted, hidden files left out."""
+    """Image files under ``folder`` (recursively), sorted, hidden files left out.
+
+    A link to nothing is listed too, so that the image check reports it as skipped instead of it vanishing."""
     return sorted(
         p for p in folder.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        if (p.is_file() or (p.is_symlink() and not p.exists())) and p.suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
 
 
@@ -308,7 +310,11 @@ def _reader_for(path: Path) -> str:
 def read_listing(data: str | os.PathLike, *, allow_outside_root: bool = False) -> Dataset:
     """The dataset's splits as listed (image folders or CSV rows), with no validation split taken."""
     path = Path(data)
-    return READERS[_reader_for(path)](path, allow_outside_root=allow_outside_root)
+    dataset = READERS[_reader_for(path)](path, allow_outside_root=allow_outside_root)
+    if len(dataset.classes) < 2:
+        raise UserInputError(f"{path}: train has {len(dataset.classes)} class ({dataset.classes[0]!r}); a classifier needs at "
+                             "least 2: add a folder (or CSV label) per class")
+    return dataset
 
 
 def read_dataset(data: str | os.PathLike, *, val_fraction: float = 0.2, val_from_train: bool = False,

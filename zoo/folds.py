@@ -30,8 +30,13 @@ def _hash_key(seed: int, sample_id: str) -> str:
     return hashlib.sha256(f"{seed}\0{sample_id}".encode()).hexdigest()
 
 
-def assign_folds(ids: Sequence[str], labels: Sequence, k: int, seed: int = 0) -> dict[str, int]:
-    """The fold (1..k) of every id: stratified by label, a function of (ids, labels, k, seed) only."""
+def assign_folds(ids: Sequence[str], labels: Sequence, k: int, seed: int = 0, classes: Sequence[str] | None = None
+                 ) -> dict[str, int]:
+    """The fold (1..k) of every id: stratified by label, a function of (ids, labels, k, seed) only.
+
+    With ``classes`` (the names of the labels), folds that would hold out fewer than 2 images of a
+    class are refused: each fold model picks its epoch on its fold, and on 1 image of a class that
+    choice is noise."""
     if len(set(ids)) != len(ids):
         raise ValueError("ids: every sample id must be unique")
     if len(ids) != len(labels):
@@ -49,7 +54,21 @@ def assign_folds(ids: Sequence[str], labels: Sequence, k: int, seed: int = 0) ->
         for sample_id in sorted(by_class[label], key=lambda s: _hash_key(seed, s)):
             folds[sample_id] = position % k + 1
             position += 1
+    if classes is not None:
+        _check_held_out_per_class(by_class, folds, k, classes)
     return {sample_id: folds[sample_id] for sample_id in sorted(folds)}
+
+
+def _check_held_out_per_class(by_class: dict, folds: dict[str, int], k: int, classes: Sequence[str]) -> None:
+    for label in sorted(by_class, key=lambda lab: len(by_class[lab])):
+        held_out = min(sum(folds[i] == fold for i in by_class[label]) for fold in range(1, k + 1))
+        if held_out < 2:
+            n, largest = len(by_class[label]), min(len(ids) for ids in by_class.values()) // 2
+            raise UserInputError(
+                f"--folds {k}: class {classes[label]!r} has {n} pool image(s), so a fold would hold out {held_out} of it "
+                "(each fold model picks its epoch on its fold: at least 2 per class are needed); "
+                + (f"use --folds {largest} or fewer" if largest >= 2 else
+                   f"add images of {classes[label]!r} (at least 4 to cross-fit) or train without --folds"))
 
 
 def pool_and_holdout(dataset: Dataset, pool: str) -> tuple[list[Sample], list[Sample]]:
@@ -66,7 +85,7 @@ def fold_dataset(dataset: Dataset, k: int, seed: int, fold: int, pool: str = "tr
     """The dataset as fold model ``fold`` sees it: train = the other folds, val = fold ``fold``,
     ``holdout`` = the untouched holdout, ``test`` as listed."""
     samples, holdout = pool_and_holdout(dataset, pool)
-    folds = assign_folds([s.id for s in samples], [s.label for s in samples], k, seed)
+    folds = assign_folds([s.id for s in samples], [s.label for s in samples], k, seed, dataset.classes)
     splits = {"train": [s for s in samples if folds[s.id] != fold], "val": [s for s in samples if folds[s.id] == fold]}
     if holdout:
         splits["holdout"] = holdout

@@ -22,7 +22,7 @@ import numpy as np
 
 from zoo import atomic
 from zoo.errors import UserInputError
-from zoo.rundir import RunDir
+from zoo.rundir import RunDir, check_out_file
 
 FORMAT_VERSION = 1
 OUTPUT_SUFFIXES = (".safetensors", ".csv")  # what `zoo predict` and `zoo ensemble predict` write
@@ -193,27 +193,35 @@ def align_predictions(preds: Sequence[Predictions]) -> list[Predictions]:
                 "members must be trained on the same classes"
             )
         if other.ids == first.ids:
-            out.append(other)
-            continue
-        index = {sid: i for i, sid in enumerate(other.ids)}
-        missing = next((sid for sid in first.ids if sid not in index), None)
-        if missing is not None or len(other.ids) != len(first.ids):
-            extra = next((sid for sid in other.ids if sid not in set(first.ids)), None)
-            differing = missing if missing is not None else extra
+            aligned = other
+        else:
+            index = {sid: i for i, sid in enumerate(other.ids)}
+            missing = next((sid for sid in first.ids if sid not in index), None)
+            if missing is not None or len(other.ids) != len(first.ids):
+                extra = next((sid for sid in other.ids if sid not in set(first.ids)), None)
+                differing = missing if missing is not None else extra
+                raise UserInputError(
+                    f"{other.source or other.name} and {first.source or first.name} hold different samples "
+                    f"({len(other.ids)} vs {len(first.ids)} ids; first differing id {differing!r}); "
+                    "predict every member on the same split"
+                )
+            aligned = other.take([index[sid] for sid in first.ids])
+        # Same ids with other labels: the files describe different data, and any result would depend on their order.
+        # (A file without labels, -1, conflicts with none: the commands that need labels refuse it themselves.)
+        conflict = (aligned.labels != first.labels) & (aligned.labels >= 0) & (first.labels >= 0)
+        if conflict.any():
+            row = int(np.argmax(conflict))
             raise UserInputError(
-                f"{other.source or other.name} and {first.source or first.name} hold different samples "
-                f"({len(other.ids)} vs {len(first.ids)} ids; first differing id {differing!r}); "
-                "predict every member on the same split"
-            )
-        aligned = other.take([index[sid] for sid in first.ids])
-        if not np.array_equal(aligned.labels, first.labels):
-            row = int(np.argmax(aligned.labels != first.labels))
-            raise UserInputError(
-                f"{other.source or other.name}: label of id {first.ids[row]!r} is {int(aligned.labels[row])}, "
-                f"but {int(first.labels[row])} in {first.source or first.name}"
+                f"{other.source or other.name}: id {first.ids[row]!r} is labelled {_label_name(aligned, row)} there but "
+                f"{_label_name(first, row)} in {first.source or first.name}; predict every member on the same labelled data"
             )
         out.append(aligned)
     return out
+
+
+def _label_name(preds: Predictions, row: int) -> str:
+    label = int(preds.labels[row])
+    return repr(preds.classes[label]) if 0 <= label < len(preds.classes) else "unlabelled (-1)"
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -254,6 +262,7 @@ def check_output_path(path: str | os.PathLike) -> str:
     if suffix not in OUTPUT_SUFFIXES:
         raise UserInputError(f"{path}: output must end in {' or '.join(OUTPUT_SUFFIXES)} (a prediction file or a CSV of "
                              f"id,prediction,<class probabilities>), got {suffix or 'no suffix'!r}")
+    check_out_file(path)
     return suffix
 
 

@@ -11,6 +11,7 @@ signal raises ``Interrupted`` (resume state saved); ``ZooGroup`` exits with its 
 from __future__ import annotations
 
 import os
+import warnings
 
 import click
 
@@ -21,13 +22,25 @@ from zoo.errors import Interrupted, UserInputError
 class ZooGroup(click.Group):
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():  # restores showwarning afterwards (CliRunner runs many commands in one process)
+                warnings.showwarning = _warning_line(set())
+                return super().invoke(ctx)
         except UserInputError as e:
             if os.environ.get("RANK", "0") != "0":
                 raise SystemExit(1) from None  # under torchrun, rank 0 alone says what went wrong
             raise click.ClickException(str(e)) from None
         except Interrupted as e:
             ctx.exit(e.exit_status)
+
+
+def _warning_line(seen: set[str]):
+    """Python warnings from the libraries underneath (scikit-learn, matplotlib, torch) as one line each, once."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = f"warning: {str(message).splitlines()[0] if str(message) else ''} ({category.__name__})"
+        if text not in seen:
+            seen.add(text)
+            click.echo(text, err=True)
+    return show
 
 
 @click.group(cls=ZooGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

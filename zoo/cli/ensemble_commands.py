@@ -12,6 +12,7 @@ from ensemble.combine import COMBINE_RULES
 from ensemble.diversity import PAIRWISE_MEASURES
 from ensemble.metrics import SEARCHABLE_METRICS
 from ensemble.weights import WEIGHT_SEARCHES
+from zoo.rundir import check_out_file, check_out_folder
 
 
 def _err(message: str) -> None:
@@ -55,6 +56,8 @@ def correlate_command(sources, split, out, measure, subset_size):
 
     if len(sources) < 2:
         raise click.UsageError(f"need at least 2 runs or prediction files to compare, got {len(sources)}")
+    if out is not None:
+        check_out_folder(out, "an earlier `zoo correlate --out`", lambda folder: (folder / "correlation.json").is_file())
     report = correlate(load_prediction_sources(sources, split), k=subset_size)
     click.echo(format_correlation(report, measure))
     for note in report.notes:
@@ -123,6 +126,7 @@ def fit_command(sources, out, method, metric, combine, calibrate, cv, seed, spli
     from ensemble.report import format_fit_report
     from ensemble.weights import search_kwargs
 
+    check_out_file(out)
     options = search_kwargs(method, iterations=iterations, init=init, use_best=use_best, bags=bags,
                             bag_fraction=bag_fraction, C=stacking_c)
     members = read_members(sources, split)  # one file at a time into one stack
@@ -221,6 +225,8 @@ def score_command(ensemble_file, sources, data, split, tta, batch_size, device, 
     from ensemble.score import format_score_table, write_score_table
     from zoo.pipeline.member_inference import ensemble_score
 
+    if out is not None:
+        check_out_file(out)
     preds = _member_predictions(sources, data, split, " (dropped members too)")
     table = ensemble_score(ensemble_file, predictions=preds, data=data, split=split, tta=tta, batch_size=batch_size,
                            device=device, log=_err)

@@ -70,3 +70,9 @@ class ZooRunDir(Folder):
     @property
     def demo_data(self) -> Path:
         return self.root / "data"
+
+
+def is_zoo_run(folder: Path) -> bool:
+    """A ``zoo run`` (or ``zoo demo``) folder, finished or not: what ``zoo run --out`` may continue."""
+    layout = ZooRunDir(folder)
+    return layout.members.is_dir() or layout.ensemble.is_file() or (layout.demo_data / "train").is_dir()

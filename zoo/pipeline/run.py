@@ -28,6 +28,7 @@ that need it.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from dataclasses import replace
@@ -38,11 +39,11 @@ import numpy as np
 
 from zoo.errors import HubUnreachable, UserInputError
 from zoo.pipeline.context import RunResult, ZooRun
-from zoo.pipeline.layout import ZooRunDir
+from zoo.pipeline.layout import ZooRunDir, is_zoo_run
 from zoo.pipeline.leaderboard import (MAX_EXHAUSTIVE, LeaderRow, cached_latencies, format_front, format_leaderboard,
                                       pareto_front, pick_under_budget, subset_table, write_leaderboard, write_subsets)
 from zoo.pipeline.zoo_file import NO_HUB_HELP, MemberSpec, check_options, default_zoo, device_kind, unique_names
-from zoo.rundir import RunDir
+from zoo.rundir import RunDir, check_out_folder, hold_folder
 
 # finetune's log lines worth showing under zoo run (the per-epoch line, the member's result).
 _SHOWN = ("epoch", "cpu budget", "fold ", "cross-fitting", "out-of-fold", "holdout", "best epoch", "early stop", "warning",
@@ -65,7 +66,7 @@ def run_zoo(data: str | os.PathLike, out: str | os.PathLike, members: Sequence[M
     from zoo.data import read_listing
 
     start = time.perf_counter()
-    layout = ZooRunDir(out)
+    layout = ZooRunDir(check_out_folder(out, "a zoo run", is_zoo_run))
     shared, given = dict(shared or {}), check_options(dict(given or {}), "command line")
     device, threads = given.get("device") or shared.get("device"), given.get("threads") or shared.get("threads")
     listing = read_listing(data, allow_outside_root=bool(given.get("allow_outside_root", shared.get("allow_outside_root"))))
@@ -78,15 +79,16 @@ def run_zoo(data: str | os.PathLike, out: str | os.PathLike, members: Sequence[M
     if len(members) < 2:
         raise UserInputError(f"a zoo needs at least 2 members to correlate and ensemble, got {len(members)}; "
                              "use `zoo finetune` for one backbone")
-    layout.root.mkdir(parents=True, exist_ok=True)
     run = ZooRun(data, layout, members, shared, given, folds, fold_seed, cv, max_latency, latency_repeats, device, threads,
                  title, log, listing, RunResult(layout.root, "finished"), start)
-    if not train_members(run, stop_after_epoch):
-        run.result.status = "interrupted"
-        run.result.seconds = time.perf_counter() - start
-        return run.result
-    for stage in (correlate_members, fit_weights, predict_untouched, score_and_time, write_tables):
-        stage(run)
+    check_members(run)
+    with hold_folder(layout.root):  # a second `zoo run` on this --out refuses while this one works
+        if not train_members(run, stop_after_epoch):
+            run.result.status = "interrupted"
+            run.result.seconds = time.perf_counter() - start
+            return run.result
+        for stage in (correlate_members, fit_weights, predict_untouched, score_and_time, write_tables):
+            stage(run)
     return run.result
 
 
@@ -108,12 +110,72 @@ def member_config(run: ZooRun, spec: MemberSpec):
     return FinetuneConfig(**values)
 
 
+def check_members(run: ZooRun) -> None:
+    """Before any member trains: every member's backbone name and options (a typo in member 3 must not cost
+    members 1 and 2's training first), and that members already in OUT were trained on this data."""
+    from zoo.backbones import check_model_name
+
+    for spec in run.members:
+        try:
+            check_model_name(spec.backbone)
+            member_config(run, spec).validate()
+        except UserInputError as e:
+            raise UserInputError(_in_member_terms(str(e), run, spec)) from None
+        member = run.layout.member(spec.name)
+        if member.is_run():
+            _check_trained_on(run, spec, member)
+    _check_cv(run)
+
+
+def _check_cv(run: ZooRun) -> None:
+    """The ensemble fit's cross-validation needs a row per fold: known before training, so say it then."""
+    from zoo.data import split_from_train
+    from zoo.folds import pool_and_holdout
+
+    if not run.cv:
+        return
+    if run.folds:
+        rows, what = len(pool_and_holdout(run.listing, "train")[0]), "out-of-fold rows (every train/ image)"
+    else:
+        first = member_config(run, run.members[0])
+        rows = len(split_from_train(run.listing, first.val_fraction, first.seed).split("val"))
+        what = f"validation rows (--val-fraction {first.val_fraction:g} of train/)"
+    if rows < run.cv:
+        raise UserInputError(f"--cv {run.cv}: the ensemble fit cross-validates on the members' {what}, and there will be "
+                             f"{rows}; lower --cv (0: no cross-validation), or add images")
+
+
+def _in_member_terms(message: str, run: ZooRun, spec: MemberSpec) -> str:
+    """A FinetuneConfig message ("--epochs must be ...") in the words of where the option was set: the member's
+    table or the zoo file's [defaults] by its key; the command line by its flag."""
+    flag = re.search(r"--([a-z0-9-]+)", message)
+    key = flag.group(1).replace("-", "_") if flag else None
+    if key is not None and key not in run.given and key in spec.options:
+        return f"{spec.where}: {message.replace(flag.group(0), key, 1)}"
+    if key is not None and key not in run.given and key in run.shared and spec.source:
+        return f"{spec.source} [defaults]: {message.replace(flag.group(0), key, 1)}"
+    return f"{spec.where or 'member ' + spec.name}: {message}" if key is None else message
+
+
+def _check_trained_on(run: ZooRun, spec: MemberSpec, member: RunDir) -> None:
+    config = member.read_config()
+    trained_on = (config.get("options") or {}).get("data")
+    if trained_on and Path(trained_on).resolve() != Path(run.data).resolve():
+        raise UserInputError(f"{member.root}: member {spec.name} was trained on {trained_on}, not on {run.data}; a zoo's "
+                             "members must share their data: choose another --out (or delete that member's folder)")
+    if config.get("classes") and list(config["classes"]) != list(run.listing.classes):
+        raise UserInputError(f"{member.root}: member {spec.name} was trained on classes {config['classes']}, but {run.data} "
+                             f"has {run.listing.classes}; choose another --out (or delete that member's folder)")
+
+
 def train_members(run: ZooRun, stop_after_epoch: int | None = None) -> bool:
     """Stage 1: train every unfinished member; False when one stopped before its end (run again to continue)."""
     from finetune.train import TrainingInterrupted
 
-    run.log(f"[1/6] fine-tuning {len(run.members)} members" + (f", {run.folds} folds each" if run.folds else "")
-            + f" -> {run.layout.members}")
+    folds = {spec.name: _folds_of(run, spec) for spec in run.members}
+    described = ("" if not run.folds else f", {run.folds} folds each" if set(folds.values()) == {run.folds} else
+                 ", cross-fitted: " + ", ".join(f"{name} ({k} folds)" for name, k in folds.items()))
+    run.log(f"[1/6] fine-tuning {len(run.members)} members{described} -> {run.layout.members}")
     for spec in run.members:
         try:
             finished = _train_member(run, spec, member_config(run, spec), stop_after_epoch)
@@ -126,9 +188,15 @@ def train_members(run: ZooRun, stop_after_epoch: int | None = None) -> bool:
     return True
 
 
+def _folds_of(run: ZooRun, spec: MemberSpec) -> int | None:
+    """The folds a member has (one trained earlier keeps its own) or will have."""
+    member = run.layout.member(spec.name)
+    return int(member.read_config()["folds"]) if member.is_cross_fit() else run.folds
+
+
 def _changed_options(member: RunDir, cfg) -> list[str]:
     """Options of a finished member that differ from what this run asks (it is kept as it is)."""
-    from finetune.kfold import NOT_RESULT_OPTIONS
+    from finetune.config import NOT_RESULT_OPTIONS
 
     saved = member.read_config().get("options", {})
     return [k for k, v in cfg.to_dict().items()

@@ -31,6 +31,8 @@ class MemberSpec:
     backbone: str
     weights: str | None = None
     options: dict[str, Any] = field(default_factory=dict)  # FinetuneConfig fields for this member
+    where: str = ""  # where it was defined, for messages: "zoo.toml member 2 (lite0)", "--backbones"
+    source: str = ""  # the zoo file it came from (its [defaults] are "SOURCE [defaults]" in messages)
 
 
 def _finetune_fields() -> dict[str, dataclasses.Field]:
@@ -40,7 +42,9 @@ def _finetune_fields() -> dict[str, dataclasses.Field]:
 
 
 def check_options(options: dict[str, Any], where: str) -> dict[str, Any]:
-    """``options`` with dashes turned into underscores; unknown or run-level names refused."""
+    """``options`` with dashes turned into underscores; unknown or run-level names, and values of the wrong type, refused."""
+    from finetune.config import FinetuneConfig
+
     fields = _finetune_fields()
     out = {}
     for key, value in options.items():
@@ -53,6 +57,9 @@ def check_options(options: dict[str, Any], where: str) -> dict[str, Any]:
             raise UserInputError(f"{where}: unknown finetune option {key!r}"
                                  + (f"; did you mean {', '.join(close)}?" if close else "; see `zoo finetune --help`"))
         out[name] = tuple(value) if isinstance(value, list) else value
+        expected = FinetuneConfig.wrong_type(name, out[name])
+        if expected:
+            raise UserInputError(f"{where}: {key} must be {expected}, got {value!r}")
     return out
 
 
@@ -81,7 +88,7 @@ def parse_backbones(text: str, weights: str | None = None) -> list[MemberSpec]:
     for backbone in names:
         name = member_name(backbone)
         seen[name] = seen.get(name, 0) + 1
-        specs.append(MemberSpec(name if seen[name] == 1 else f"{name}_{seen[name]}", backbone, weights))
+        specs.append(MemberSpec(name if seen[name] == 1 else f"{name}_{seen[name]}", backbone, weights, where="--backbones"))
     return unique_names(specs, "--backbones")
 
 
@@ -128,13 +135,20 @@ def read_zoo_file(path: str | os.PathLike) -> tuple[list[MemberSpec], dict[str, 
     unknown = sorted(set(doc) - {"defaults", "member"})
     if unknown:
         raise UserInputError(f"{path}: unknown table(s) {unknown}; a zoo file has [defaults] and [[member]] tables")
+    if not isinstance(doc.get("defaults", {}), dict):
+        raise UserInputError(f"{path}: defaults must be a [defaults] table of finetune options, got {doc['defaults']!r}")
     defaults = check_options(dict(doc.get("defaults", {})), f"{path} [defaults]")
     members = doc.get("member", [])
+    if isinstance(members, dict):
+        raise UserInputError(f"{path}: [member] (single brackets) is one table; write [[member]] (double brackets) "
+                             "before each member, as TOML spells a list of tables")
     if not isinstance(members, list) or not members:
         raise UserInputError(f"{path}: no members; add one [[member]] table per backbone with backbone = \"timm name\"")
     specs = []
     for i, table in enumerate(members, start=1):
         where = f"{path} member {i}"
+        if not isinstance(table, dict):
+            raise UserInputError(f"{where}: expected a [[member]] table, got {table!r}")
         table = dict(table)
         backbone = table.pop("backbone", None)
         if not isinstance(backbone, str) or not backbone:
@@ -144,13 +158,14 @@ def read_zoo_file(path: str | os.PathLike) -> tuple[list[MemberSpec], dict[str, 
             raise UserInputError(f"{where}: name {name!r} must be letters, digits, '_', '-' or '.' (it names a folder)")
         weights = table.pop("weights", None)
         weights = resolve_weights(str(weights), path.parent, where) if weights else None
-        specs.append(MemberSpec(name, backbone, weights, check_options(table, where)))
+        specs.append(MemberSpec(name, backbone, weights, check_options(table, where), where=f"{where} ({name})",
+                                source=str(path)))
     return unique_names(specs, str(path)), defaults
 
 
 def default_zoo(kind: str) -> list[MemberSpec]:
     """The zoo used when neither --backbones nor --zoo is given (hub weights); ``kind``: cpu or cuda."""
-    return [MemberSpec(name, backbone) for name, backbone in DEFAULT_ZOOS["cuda" if kind == "cuda" else "cpu"]]
+    return [MemberSpec(name, backbone, where="the default zoo") for name, backbone in DEFAULT_ZOOS["cuda" if kind == "cuda" else "cpu"]]
 
 
 def device_kind(device: str | None) -> str:
