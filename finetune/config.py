@@ -87,6 +87,9 @@ class FinetuneConfig:
     interpolation: str | None = option(None, "resize interpolation (default: the model's)", choices={"bilinear": "", "bicubic": "", "nearest": ""})
     crop_pct: float | None = option(None, "eval center-crop fraction (default: the model's)")
     allow_outside_root: bool = option(False, "allow CSV paths outside the CSV's folder")
+    exclude: str | None = option(None, "file of sample ids to leave out of training and validation (every fold of a "
+                                       "cross-fit), e.g. reviewed `zoo label-issues` output: a CSV with an id column, or one "
+                                       "id per line; the ids are recorded in config.json")
     cache: str | None = option(None, "decoded-image cache: 'ram' (this process: the folds of --folds share it) or a folder "
                                      "(memory-mapped, shared by every run that names it); each image is decoded and resized "
                                      "once, augmentations still run every epoch; the batches are the same as without it")

@@ -32,7 +32,7 @@ from finetune.train import FinetuneResult, TrainingInterrupted, finetune
 from zoo import atomic
 from zoo.data import CLASS_ORDER, read_listing
 from zoo.errors import UserInputError
-from zoo.folds import assign_folds, fold_sizes, folds_record, pool_and_holdout, write_folds
+from zoo.folds import fold_sizes, folds_record, pool_folds, write_folds
 from zoo.predictions import Predictions, mean_probability, read_predictions, write_predictions
 from zoo.progress import progress as progress_bar
 from zoo.rundir import RunDir, check_out_folder, hold_folder, is_finetune_run
@@ -74,14 +74,13 @@ def _finetune_folds(run: RunDir, cfg: FinetuneConfig, log, progress: bool | None
         if not dist.is_main:
             log = quiet_log
         listing = read_listing(cfg.data, allow_outside_root=cfg.allow_outside_root)
-        pool, holdout = pool_and_holdout(listing, cfg.pool)
-        folds = assign_folds([s.id for s in pool], [s.label for s in pool], cfg.folds, cfg.fold_seed, listing.classes)
+        pool, holdout, folds, excluded = pool_folds(listing, cfg.folds, cfg.fold_seed, cfg.pool, cfg.exclude)
         if dist.is_main:
-            write_cross_fit_parent(run, cfg, listing.classes, folds, holdout_split="val" if holdout else None)
+            write_cross_fit_parent(run, cfg, listing.classes, folds, "val" if holdout else None, excluded)
         dist.barrier()
         log(f"cross-fitting {cfg.backbone}: {len(pool)} pool images ({cfg.pool}) in {cfg.folds} folds of {fold_sizes(folds, cfg.folds)} "
-            f"(--fold-seed {cfg.fold_seed}); holdout: " + (f"{len(holdout)} val/ images, never trained or selected on"
-                                                           if holdout else "none"))
+            f"(--fold-seed {cfg.fold_seed}{excluded_note(excluded, cfg.exclude)}); holdout: "
+            + (f"{len(holdout)} val/ images, never trained or selected on" if holdout else "none"))
         result = CrossFitResult(run, cfg.folds, {}, [], False, {}, rank=dist.rank)
         todo = [cfg.fold] if cfg.fold else list(range(1, cfg.folds + 1))
         with progress_bar(len(todo), f"cross-fit of {cfg.backbone}", unit="folds", enabled=progress if dist.is_main else False) as bar:
@@ -158,15 +157,21 @@ def _options_to_run(cfg: FinetuneConfig, run: RunDir) -> FinetuneConfig:
     return cfg
 
 
-def write_cross_fit_parent(run: RunDir, cfg: FinetuneConfig, classes: list[str], folds: dict[str, int], holdout_split: str | None) -> None:
+def write_cross_fit_parent(run: RunDir, cfg: FinetuneConfig, classes: list[str], folds: dict[str, int], holdout_split: str | None,
+                           excluded: list[str]) -> None:
     """``RUN/config.json`` and ``RUN/folds.json``: the same bytes from every ``--fold`` task (atomic writes)."""
     write_folds(run.root, folds_record(folds, cfg.folds, cfg.fold_seed, cfg.pool, holdout_split))
     if not run.is_run():
         atomic.write_json(run.config, {
             "kind": "cross-fit", "backbone": cfg.backbone, "classes": classes, "class_order": CLASS_ORDER,
             "num_classes": len(classes), "folds": cfg.folds, "fold_runs": [f"fold-{i}" for i in range(1, cfg.folds + 1)],
-            "holdout_split": holdout_split, "options": replace(cfg, fold=None, resume=False).to_dict(),
+            "holdout_split": holdout_split, "options": replace(cfg, fold=None, resume=False).to_dict(), "excluded_ids": excluded,
         })
+
+
+def excluded_note(excluded: list[str], source: str | None) -> str:
+    """What a cross-fit's first line says about ``--exclude``."""
+    return f"; {len(excluded)} image(s) left out of every fold (--exclude {source})" if excluded else ""
 
 
 def _predict_holdout(fold_run: RunDir, cfg: FinetuneConfig, log, progress: bool | None = None) -> Predictions:

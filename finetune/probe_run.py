@@ -29,14 +29,15 @@ from finetune import loaders
 from finetune.checkpoints import save_weights, write_run_predictions
 from finetune.config import FinetuneConfig
 from finetune.engine import Hardware, keep_cpu_heap, log_loss_and_accuracy, resolve_hardware, stderr_log
-from finetune.kfold import assemble, write_cross_fit_parent
+from finetune.kfold import assemble, excluded_note, write_cross_fit_parent
 from finetune.probe import LinearProbe, TrainFeatures, classifier_linear, fit_probe, pooled_features, set_head, train_features
 from finetune.run_config import start_model
 from zoo import atomic
 from zoo.cpu import apply_budget, cpu_budget
 from zoo.data import CLASS_ORDER, Sample, check_images, read_dataset, read_listing
 from zoo.errors import UserInputError
-from zoo.folds import assign_folds, pool_and_holdout
+from zoo.exclude import without_excluded
+from zoo.folds import pool_folds
 from zoo.progress import progress
 from zoo.rundir import RunDir, check_out_folder, hold_folder, is_finetune_run
 
@@ -119,8 +120,8 @@ def write_probe_run(run: RunDir, config: dict, model, splits: dict[str, list[Sam
 def probe_single(cfg: FinetuneConfig, run: RunDir, hardware: Hardware, budget, log) -> ProbeResult:
     """One probe: fitted on the train split (C by inner CV there), the validation split predicted."""
     start = time.perf_counter()
-    dataset = read_dataset(cfg.data, val_fraction=cfg.val_fraction, val_from_train=cfg.val_from_train, seed=cfg.seed,
-                           allow_outside_root=cfg.allow_outside_root)
+    dataset = without_excluded(read_dataset(cfg.data, val_fraction=cfg.val_fraction, val_from_train=cfg.val_from_train,
+                                            seed=cfg.seed, allow_outside_root=cfg.allow_outside_root), cfg.exclude)
     for warning in dataset.warnings:
         log(f"warning: {warning}")
     splits, skipped = {}, []
@@ -142,7 +143,7 @@ def probe_single(cfg: FinetuneConfig, run: RunDir, hardware: Hardware, budget, l
     seconds = time.perf_counter() - start
     record = {"root": str(dataset.root.resolve()), "kind": dataset.kind, "val_source": dataset.val_source,
               "counts": {s: len(v) for s, v in splits.items()}, "train_class_counts": dataset.class_counts("train"),
-              "skipped": len(skipped)}
+              "skipped": len(skipped), "excluded_ids": dataset.excluded}
     config = probe_run_config(cfg, classes, model_kwargs, dcfg, start_hash, record, probe, hardware, budget,
                               {"train_images": len(splits["train"]), "seconds_features": round(extracted, 2),
                                "seconds": round(seconds, 2)})
@@ -159,15 +160,13 @@ def probe_folds(cfg: FinetuneConfig, run: RunDir, hardware: Hardware, budget, lo
     """K probes on the folds ``zoo finetune --folds`` uses (same ids, labels, K, seed: the same folds), features extracted once."""
     start = time.perf_counter()
     listing = read_listing(cfg.data, allow_outside_root=cfg.allow_outside_root)
-    listed_pool, listed_holdout = pool_and_holdout(listing, cfg.pool)
     # Folds are assigned on the listed ids, before any image is read, exactly as fine-tuned cross-fits do.
-    folds = assign_folds([s.id for s in listed_pool], [s.label for s in listed_pool], cfg.folds, cfg.fold_seed,
-                         listing.classes)
+    listed_pool, listed_holdout, folds, excluded = pool_folds(listing, cfg.folds, cfg.fold_seed, cfg.pool, cfg.exclude)
     pool, skipped = readable(listed_pool, budget.share, log, "pool")
     holdout, bad = readable(listed_holdout, budget.share, log, "holdout")
     skipped += bad
     classes = listing.classes
-    write_cross_fit_parent(run, cfg, classes, folds, holdout_split="val" if holdout else None)
+    write_cross_fit_parent(run, cfg, classes, folds, "val" if holdout else None, excluded)
     model, model_kwargs, start_hash, dcfg = build_model(cfg, len(classes))
     model.to(hardware.device)
     eval_tf = loaders.eval_transform(dcfg)
@@ -177,7 +176,7 @@ def probe_folds(cfg: FinetuneConfig, run: RunDir, hardware: Hardware, budget, lo
                            desc="features of the holdout images") if holdout else None
     every = train_features(model, pool, dcfg, cfg, hardware, budget.workers, center=center)
     log(f"linear probes of {cfg.backbone}: features of {len(pool)} pool and {len(holdout)} holdout images in "
-        f"{time.perf_counter() - start:.1f}s; fitting {cfg.folds} folds")
+        f"{time.perf_counter() - start:.1f}s{excluded_note(excluded, cfg.exclude)}; fitting {cfg.folds} folds")
     fold_of = np.array([folds[s.id] for s in pool])
     previous = None  # the folds share most of their rows: each fit starts from the previous fold's solution
     with progress(cfg.folds, f"linear probes of {cfg.backbone}", unit="folds") as bar:
@@ -190,7 +189,7 @@ def probe_folds(cfg: FinetuneConfig, run: RunDir, hardware: Hardware, budget, lo
             record = {"root": str(listing.root.resolve()), "kind": listing.kind, "val_source": f"fold {fold} of {cfg.folds}",
                       "counts": {**{s: len(v) for s, v in splits.items()}, "holdout": len(holdout)},
                       "train_class_counts": [sum(1 for s in splits["train"] if s.label == c) for c in range(len(classes))],
-                      "skipped": len(skipped)}
+                      "skipped": len(skipped), "excluded_ids": excluded}
             fold_cfg = replace(cfg, out=str(run.fold_run(fold).root), fold=fold)
             config = probe_run_config(fold_cfg, classes, model_kwargs, dcfg, start_hash, record, probe, hardware, budget,
                                       {"train_images": len(splits["train"])})

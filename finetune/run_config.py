@@ -45,7 +45,7 @@ def run_config(cfg: FinetuneConfig, dataset: Dataset, dcfg: dict, model: torch.n
         "data_config": dcfg, "model_kwargs": model_kwargs, "options": cfg.to_dict(),
         "dataset": {"root": str(dataset.root.resolve()), "kind": dataset.kind, "val_source": dataset.val_source,
                     "counts": {s: len(v) for s, v in dataset.splits.items()}, "train_class_counts": train_counts,
-                    "skipped": len(dataset.skipped)},
+                    "skipped": len(dataset.skipped), "excluded_ids": dataset.excluded},
         "stage_groups": [{"index": g.index, "name": g.name, "params": count_parameters(model, g.param_names),
                           "lr_scale": r.lr_scale, "head": g.is_head} for g, r in zip(groups, rates)],
         "start_weights_sha256": start_hash, "weights_source": cfg.weights or ("hub" if cfg.pretrained else "random"),

@@ -39,6 +39,7 @@ from zoo import atomic
 from zoo.cpu import CpuBudget, apply_budget, cpu_budget
 from zoo.data import Dataset, read_dataset, read_listing
 from zoo.errors import Interrupted, UserInputError
+from zoo.exclude import without_excluded
 from zoo.folds import fold_dataset
 from zoo.progress import progress
 from zoo.rundir import RunDir, check_out_folder, hold_folder, is_finetune_run
@@ -118,10 +119,10 @@ def _read_data(cfg: FinetuneConfig, log, dist: Dist, budget: CpuBudget, show_pro
     """Read the dataset and decode every image once; under torchrun each rank checks its share."""
     if cfg.folds:  # one fold model of a cross-fit: folds are assigned on the listed ids, before any image is read
         dataset = fold_dataset(read_listing(cfg.data, allow_outside_root=cfg.allow_outside_root), cfg.folds,
-                               cfg.fold_seed, cfg.fold, cfg.pool)
+                               cfg.fold_seed, cfg.fold, cfg.pool, cfg.exclude)
     else:
-        dataset = read_dataset(cfg.data, val_fraction=cfg.val_fraction, val_from_train=cfg.val_from_train,
-                               seed=cfg.seed, allow_outside_root=cfg.allow_outside_root)
+        dataset = without_excluded(read_dataset(cfg.data, val_fraction=cfg.val_fraction, val_from_train=cfg.val_from_train,
+                                                seed=cfg.seed, allow_outside_root=cfg.allow_outside_root), cfg.exclude)
     for warning in dataset.warnings:
         log(f"warning: {warning}")
     skipped = []
@@ -242,7 +243,8 @@ def _train(cfg: FinetuneConfig, run: RunDir, resume_state: dict | None, dist: Di
     classes, num_classes = dataset.classes, len(dataset.classes)
     train_counts = dataset.class_counts("train")
     log(f"data: {len(dataset.split('train'))} train, {len(dataset.split('val'))} val"
-        f"{' (split from train)' if dataset.val_source == 'from-train' else ''}, {num_classes} classes")
+        f"{' (split from train)' if dataset.val_source == 'from-train' else ''}, {num_classes} classes"
+        + (f"; {len(dataset.excluded)} left out (--exclude {cfg.exclude})" if dataset.excluded else ""))
 
     # Model, its stage groups and its data config.
     model, _, start_hash, dcfg = start_model(cfg, num_classes)

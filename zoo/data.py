@@ -46,6 +46,7 @@ class Dataset:
     val_source: str = "folder"  # folder | csv | from-train
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (id, why)
     warnings: list[str] = field(default_factory=list)
+    excluded: list[str] = field(default_factory=list)  # ids left out by --exclude (zoo.exclude), recorded in config.json
 
     def split(self, name: str) -> list[Sample]:
         return self.splits.get(name, [])

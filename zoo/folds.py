@@ -22,6 +22,7 @@ from typing import Any, Sequence
 from zoo import atomic
 from zoo.data import Dataset, Sample
 from zoo.errors import UserInputError
+from zoo.exclude import excluded_ids
 
 FOLDS_FILE = "folds.json"
 
@@ -81,18 +82,33 @@ def pool_and_holdout(dataset: Dataset, pool: str) -> tuple[list[Sample], list[Sa
     return [by_id[i] for i in sorted(by_id)], holdout
 
 
-def fold_dataset(dataset: Dataset, k: int, seed: int, fold: int, pool: str = "train") -> Dataset:
-    """The dataset as fold model ``fold`` sees it: train = the other folds, val = fold ``fold``,
-    ``holdout`` = the untouched holdout, ``test`` as listed."""
+def pool_folds(dataset: Dataset, k: int, seed: int, pool: str = "train", exclude: str | os.PathLike | None = None
+               ) -> tuple[list[Sample], list[Sample], dict[str, int], list[str]]:
+    """``(pool, holdout, folds, excluded)``: the images the folds split, the untouched holdout, the fold of every pool
+    id, and the ids ``exclude`` (a file, ``zoo.exclude``) takes out of every fold.
+
+    Folds are assigned on the whole listed pool first, so that leaving images out moves no other image to
+    another fold: a run with ``--exclude`` holds out the same images in the same folds as one without it.
+    """
     samples, holdout = pool_and_holdout(dataset, pool)
     folds = assign_folds([s.id for s in samples], [s.label for s in samples], k, seed, dataset.classes)
+    drop = excluded_ids(exclude, folds, dataset)
+    return ([s for s in samples if s.id not in drop], holdout, {i: f for i, f in folds.items() if i not in drop},
+            sorted(drop))
+
+
+def fold_dataset(dataset: Dataset, k: int, seed: int, fold: int, pool: str = "train",
+                 exclude: str | os.PathLike | None = None) -> Dataset:
+    """The dataset as fold model ``fold`` sees it: train = the other folds, val = fold ``fold``,
+    ``holdout`` = the untouched holdout, ``test`` as listed; the ids of ``exclude`` in neither."""
+    samples, holdout, folds, excluded = pool_folds(dataset, k, seed, pool, exclude)
     splits = {"train": [s for s in samples if folds[s.id] != fold], "val": [s for s in samples if folds[s.id] == fold]}
     if holdout:
         splits["holdout"] = holdout
     if dataset.split("test"):
         splits["test"] = dataset.split("test")
     return Dataset(root=dataset.root, kind=dataset.kind, classes=dataset.classes, splits=splits,
-                   val_source=f"fold {fold} of {k}", warnings=dataset.warnings)
+                   val_source=f"fold {fold} of {k}", warnings=dataset.warnings, excluded=excluded)
 
 
 def fold_sizes(folds: dict[str, int], k: int) -> list[int]:

@@ -54,6 +54,7 @@ class ZooRun:
     select: list = field(default_factory=list)  # Predictions of the selection rows, aligned (stage 2)
     correlation: Any = None  # ensemble.diversity.CorrelationReport (stage 2)
     ensemble: Any = None  # ensemble.model.Ensemble (stage 3)
+    label_issues: Any = None  # zoo.pipeline.label_issues.LabelIssues of the ensemble's out-of-fold rows (stage 3, --folds)
     holdout: list | None = None  # Predictions of the holdout, aligned (stage 4)
     test_table: Any = None  # ensemble.score.ScoreTable of test/ when it is labelled and not the holdout (stage 4)
     holdout_table: Any = None  # the same on the holdout (stage 5)

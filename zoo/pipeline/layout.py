@@ -35,6 +35,11 @@ class ZooRunDir(Folder):
     def ensemble(self) -> Path:
         return self.root / "ensemble.json"
 
+    @property
+    def label_issues(self) -> Path:
+        """Suspected label errors among the pool images (cross-fitted members only; ``zoo.pipeline.label_issues``)."""
+        return self.root / "label_issues.csv"
+
     # Stages 4-5: predictions and scores of the untouched splits, latency.
     @property
     def test_predictions(self) -> Path:

@@ -4,7 +4,8 @@ Every image is a PNG embedded as a ``data:`` URI and the styles are inline: no n
 script. Plots are drawn with matplotlib's ``Figure`` (the Agg canvas, no pyplot state).
 Sections: the leaderboard, the accuracy-vs-latency front, the correlation heatmap, the
 weights, reliability diagrams of the best member and the ensemble, the ensemble's confusion
-matrix, training curves per member and the hardest holdout images.
+matrix, training curves per member, the hardest holdout images and, beside them for cross-fitted
+members, the pool images most suspected of a wrong label (``zoo.pipeline.label_issues``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ensemble.metrics import ECE_BINS, expected_calibration_error
 from zoo import atomic
 
 HARDEST = 16  # holdout images in the grid
+SUSPECTED = 24  # pool images in the grid of suspected label errors
 
 
 @dataclass
@@ -46,6 +48,7 @@ class ReportInputs:
     trained: list[str]
     skipped: list[str]
     correlation_text: str = ""
+    label_issues: Any = None  # zoo.pipeline.label_issues.LabelIssues (cross-fitted members), or None
 
 
 def _png(fig) -> str:
@@ -204,25 +207,17 @@ def curves_plot(name: str, run) -> str | None:
     return _png(fig)
 
 
-def hardest_plot(probs: np.ndarray, preds, listing, n: int = HARDEST) -> str | None:
-    """The holdout images the ensemble gives the lowest probability of their true class."""
+def thumbnail_figure(cells: list[tuple[Path | None, str, str]], cols: int = 4, size: float = 2.2):
+    """A grid of image thumbnails, each ``(path, title, title colour)``; an unreadable image says so."""
+    from matplotlib.figure import Figure
     from PIL import Image
 
-    labels = preds.labels
-    true_p = probs[np.arange(len(labels)), labels]
-    order = np.argsort(true_p, kind="stable")[:n]
-    paths = {s.id: s.path for split in listing.splits.values() for s in split}
-    cols = 4
-    rows = max(1, -(-len(order) // cols))
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(2.2 * cols, 2.5 * rows))
+    rows = max(1, -(-len(cells) // cols))
+    fig = Figure(figsize=(size * cols, (size + 0.3) * rows))
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    classes = preds.classes
     for ax in axes:
         ax.axis("off")
-    for ax, i in zip(axes, order):
-        path = paths.get(preds.ids[i])
+    for ax, (path, title, color) in zip(axes, cells):
         try:
             with Image.open(path) as im:
                 im = im.convert("RGB")
@@ -230,11 +225,35 @@ def hardest_plot(probs: np.ndarray, preds, listing, n: int = HARDEST) -> str | N
                 ax.imshow(np.asarray(im))
         except (OSError, TypeError, ValueError):
             ax.text(0.5, 0.5, "unreadable", ha="center")
-        guess = int(probs[i].argmax())
-        ax.set_title(f"true {classes[labels[i]]} (p {true_p[i]:.2f})\npred {classes[guess]} (p {probs[i, guess]:.2f})",
-                     fontsize=7, color="#c33" if guess != labels[i] else "#333")
+        ax.set_title(title, fontsize=7, color=color)
     fig.tight_layout()
-    return _png(fig)
+    return fig
+
+
+def _paths(listing) -> dict[str, Path]:
+    return {s.id: s.path for split in listing.splits.values() for s in split}
+
+
+def hardest_plot(probs: np.ndarray, preds, listing, n: int = HARDEST) -> str | None:
+    """The holdout images the ensemble gives the lowest probability of their true class."""
+    labels, classes, paths = preds.labels, preds.classes, _paths(listing)
+    true_p = probs[np.arange(len(labels)), labels]
+    cells = []
+    for i in np.argsort(true_p, kind="stable")[:n]:
+        guess = int(probs[i].argmax())
+        cells.append((paths.get(preds.ids[i]), f"true {classes[labels[i]]} (p {true_p[i]:.2f})\npred {classes[guess]} "
+                      f"(p {probs[i, guess]:.2f})", "#c33" if guess != labels[i] else "#333"))
+    return _png(thumbnail_figure(cells))
+
+
+def label_issues_figure(issues, listing, n: int = SUSPECTED, cols: int = 6, size: float = 2.2):
+    """The ``n`` most suspect pool images (``zoo.pipeline.label_issues.LabelIssues``): given vs suggested label,
+    the probability of the given one; red where cleanlab flags the image, grey where it only ranks high."""
+    paths, classes = _paths(listing), issues.classes
+    cells = [(paths.get(issues.ids[i]), f"given {classes[issues.given[i]]} (p {issues.self_confidence[i]:.2f})\n"
+              f"suggested {classes[issues.suggested[i]]}" + ("" if issues.flagged[i] else ", not flagged"),
+              "#c33" if issues.flagged[i] else "#777") for i in range(min(n, len(issues.ids)))]
+    return thumbnail_figure(cells, cols, size)
 
 
 STYLE = """
@@ -243,7 +262,7 @@ h1{font-size:1.6em}h2{font-size:1.25em;margin-top:1.8em;border-bottom:1px solid 
 table{border-collapse:collapse;font-size:.85em;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
 td:first-child,th:first-child,td:nth-child(2),td:nth-child(3),th:nth-child(2),th:nth-child(3){text-align:left}tr.ens{background:#eef4ff;font-weight:600}
 img{max-width:100%;border:1px solid #eee;margin:.3em 0}pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:.8em}
-.note{color:#555;font-size:.9em}
+.note{color:#555;font-size:.9em}.pair{display:flex;flex-wrap:wrap;gap:1.5em}.pair>div{flex:1 1 480px;min-width:0}
 """
 
 
@@ -281,10 +300,20 @@ def write_report(path: Path, inputs: ReportInputs) -> Path:
     ]
     for name, run in zip(inputs.names, inputs.runs):
         sections += [f"<h3>{e(name)}</h3>", _img(curves_plot(name, run), f"{name} training curves")]
+    grids = []
     if inputs.holdout is not None:
-        sections += [f"<h2>Hardest images of {e(split_words)}</h2>",
-                     "<p class=note>Lowest probability of the true class under the fitted ensemble.</p>",
-                     _img(hardest_plot(ens_probs, where[0], inputs.listing), "hardest holdout images")]
+        grids.append(f"<h2>Hardest images of {e(split_words)}</h2>"
+                     "<p class=note>Lowest probability of the true class under the fitted ensemble.</p>"
+                     + _img(hardest_plot(ens_probs, where[0], inputs.listing), "hardest holdout images"))
+    if inputs.label_issues is not None:
+        issues = inputs.label_issues
+        grids.append(f"<h2>Suspected label errors among the {len(issues.ids)} training images</h2>"
+                     f"<p class=note>{e(issues.summary())}. The {min(SUSPECTED, len(issues.ids))} most suspect (lowest "
+                     "label quality), red where flagged: given vs suggested label. Review them, then train without "
+                     "those you agree with: <code>zoo finetune --exclude label_issues.csv</code>.</p>"
+                     + _img(_png(label_issues_figure(issues, inputs.listing)), "suspected label errors"))
+    if grids:
+        sections.append("<div class=pair>" + "".join(f"<div>{g}</div>" for g in grids) + "</div>")
     text = ("<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
             f"<title>{e(inputs.title)}</title><style>{STYLE}</style></head><body>\n" + "\n".join(sections) + "\n</body></html>\n")
     return atomic.write_text(path, text)

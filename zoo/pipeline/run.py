@@ -12,7 +12,8 @@ stage is a function over one ``ZooRun`` (what the stages share) and writes into 
 2. ``correlate_members`` on the members' selection rows: out-of-fold predictions with
    ``folds``, else each run's validation split (taken from ``train/``, so that ``val/`` stays
    untouched).
-3. ``fit_weights`` on the same rows (cross-validated scores).
+3. ``fit_weights`` on the same rows (cross-validated scores); with ``folds``, ``find_label_issues``: the pool images
+   whose given label the ensemble's out-of-fold probabilities contradict (cleanlab, when installed).
 4. ``predict_untouched``: the holdout (the dataset's ``val/``, else ``test/``) and ``test/`` are
    predicted by each member once (kept in its run directory), and the ensemble predicts ``test/``.
 5. ``score_and_time``: ``score_ensemble`` on the holdout; the latency of each member on this device.
@@ -87,7 +88,7 @@ def run_zoo(data: str | os.PathLike, out: str | os.PathLike, members: Sequence[M
             run.result.status = "interrupted"
             run.result.seconds = time.perf_counter() - start
             return run.result
-        for stage in (correlate_members, fit_weights, predict_untouched, score_and_time, write_tables):
+        for stage in (correlate_members, fit_weights, find_label_issues, predict_untouched, score_and_time, write_tables):
             stage(run)
     return run.result
 
@@ -276,6 +277,24 @@ def fit_weights(run: ZooRun) -> None:
         run.log(f"  warning: {w}")
 
 
+def find_label_issues(run: ZooRun) -> None:
+    """Stage 3, cross-fitted members: suspected label errors among the pool images -> ``label_issues.csv``."""
+    from ensemble.predict import ensemble_predictions
+    from zoo.pipeline import label_issues
+
+    if not run.folds:
+        return
+    if not label_issues.cleanlab_installed():
+        run.log(f"  no {run.layout.label_issues.name}: {label_issues.CLEANLAB_MISSING}")
+        return
+    ens = run.ensemble.without_zero_weights()
+    kept = [run.select[run.names.index(m.name)] for m in ens.members]
+    preds = ensemble_predictions(ens, kept, "oof", kept[0].tta, str(run.layout.ensemble))
+    run.label_issues = label_issues.find_label_issues(preds, "the fitted ensemble")
+    label_issues.write_label_issues(run.layout.label_issues, run.label_issues)
+    run.log(f"  label issues: {run.label_issues.summary()} -> {run.layout.label_issues}")
+
+
 # ---------------------------------------------------------------------------------------
 # Stages 4-5: the untouched splits, scores and latency.
 
@@ -399,7 +418,7 @@ def write_tables(run: ZooRun) -> None:
         title=run.title, leaderboard=rows, select_split=select_split, subsets=subsets, front=front, pick=pick,
         max_latency=run.max_latency, heatmap=run.layout.heatmap, ensemble=run.ensemble, names=run.names, runs=run.runs,
         select=run.select, holdout=holdout, holdout_split=run.holdout_split, listing=run.listing, seconds=result.seconds,
-        trained=result.trained, skipped=result.skipped, correlation_text=correlation_text))
+        trained=result.trained, skipped=result.skipped, correlation_text=correlation_text, label_issues=run.label_issues))
     lines += ["", f"trained {len(result.trained)} member(s) ({', '.join(result.trained) or 'none'}), "
                   f"skipped {len(result.skipped)} finished earlier; {result.seconds:.0f} s; report: {result.report}"]
     result.summary = "\n".join(lines)

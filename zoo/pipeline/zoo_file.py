@@ -122,6 +122,9 @@ def read_zoo_file(path: str | os.PathLike) -> tuple[list[MemberSpec], dict[str, 
         weights = "lite0.pth" # optional: relative to this file, absolute, or pkg:MODULE/path (globs allowed)
         name = "lite0"        # optional: default is the backbone without its tag
         lr = 2e-3             # any `zoo finetune` option, for this member
+
+    ``exclude`` (ids to leave out, e.g. reviewed ``zoo label-issues`` output) goes in [defaults],
+    relative to this file: every member must leave out the same images.
     """
     import tomllib
 
@@ -138,6 +141,8 @@ def read_zoo_file(path: str | os.PathLike) -> tuple[list[MemberSpec], dict[str, 
     if not isinstance(doc.get("defaults", {}), dict):
         raise UserInputError(f"{path}: defaults must be a [defaults] table of finetune options, got {doc['defaults']!r}")
     defaults = check_options(dict(doc.get("defaults", {})), f"{path} [defaults]")
+    if defaults.get("exclude"):  # relative to the zoo file, like weights
+        defaults["exclude"] = str(path.parent / Path(defaults["exclude"]).expanduser())
     members = doc.get("member", [])
     if isinstance(members, dict):
         raise UserInputError(f"{path}: [member] (single brackets) is one table; write [[member]] (double brackets) "
@@ -156,6 +161,9 @@ def read_zoo_file(path: str | os.PathLike) -> tuple[list[MemberSpec], dict[str, 
         name = str(table.pop("name", member_name(backbone)))
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             raise UserInputError(f"{where}: name {name!r} must be letters, digits, '_', '-' or '.' (it names a folder)")
+        if "exclude" in table:
+            raise UserInputError(f"{where}: exclude is for every member alike (their out-of-fold rows must be the same "
+                                 "images); put it in [defaults]")
         weights = table.pop("weights", None)
         weights = resolve_weights(str(weights), path.parent, where) if weights else None
         specs.append(MemberSpec(name, backbone, weights, check_options(table, where), where=f"{where} ({name})",
