@@ -25,6 +25,7 @@ import inspect
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -203,7 +204,8 @@ def export_module(module: torch.nn.Module, input_sizes: Sequence[Sequence[int]],
     dynamic = tuple({0: batch} for _ in examples)
     if any(p.kind is p.VAR_POSITIONAL for p in inspect.signature(module.forward).parameters.values()):
         dynamic = (dynamic,)  # forward(*pixels): torch.export sees one argument, a tuple
-    with torch.inference_mode(False), torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*axis name: batch will not be used")  # one Dim shared by the inputs: meant
         program = torch.onnx.export(module, examples, None, input_names=list(input_names), output_names=[output],
                                     dynamic_shapes=dynamic, dynamo=True, verbose=False)
         expected = module(*examples).numpy()
