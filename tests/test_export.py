@@ -253,3 +253,12 @@ def test_export_refuses_bad_input(tmp_path, zoo_runs, ensemble_file):
         result = runner.invoke(main, ["export", *args])
         assert result.exit_code == 1 and why in result.output and len(result.output.strip().splitlines()) == 1, result.output
     assert not list(tmp_path.glob("*.onnx"))
+
+
+def test_latency_backend_onnx_times_the_exported_pass(zoo_runs):
+    from zoo.pipeline.leaderboard import measure_latency
+
+    root, _ = zoo_runs
+    entry = measure_latency(root / "vit", repeats=1, threads=1, backend="onnx", batch_sizes=(1, 4))
+    assert entry["backend"] == "onnx" and entry["passes"] == 1  # the probe cross-fit: one backbone pass, K heads
+    assert entry["ms_per_image_batch1"] > 0 and entry["ms_per_image_batch4"] > 0
