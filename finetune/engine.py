@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from finetune.hardware import Hardware, keep_cpu_heap, resolve_hardware
 from finetune.rng import get_rng_state, seed_everything, set_rng_state
+from zoo.predictions import log_loss_and_accuracy  # one definition, in the core (zoo predict model.onnx uses it without torch)
 from zoo.progress import Progress, write as write_above_progress
 
 
@@ -266,17 +267,6 @@ def predict_logits(model: torch.nn.Module, batches: Iterable, hardware: Hardware
         if progress is not None:
             progress.update(1)
     return torch.cat(out).numpy().astype(np.float32), torch.cat(labels_out).numpy().astype(np.int64)
-
-
-def log_loss_and_accuracy(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    known = labels >= 0
-    if not known.any():
-        return float("nan"), float("nan")
-    z = logits[known].astype(np.float64)
-    z = z - z.max(1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
-    y = labels[known]
-    return float(-logp[np.arange(len(y)), y].mean()), float((logp.argmax(1) == y).mean())
 
 
 def stderr_log(message: str) -> None:

@@ -87,6 +87,25 @@ def _image_sources(config: dict, root: Path, workers: int) -> loaders.ImageSourc
     return loaders.image_sources(options["cache"], root, config["data_config"], options["crop_scale"], workers=workers)
 
 
+def fold_mean_log_probability(logits: torch.Tensor) -> torch.Tensor:
+    """The log of the mean probability over dim 1 of ``logits`` [B, K, C] (K fold models), clipped at 1e-30 as
+    ``zoo.predictions.mean_log_probability`` combines K separate passes."""
+    mean = logits.float().log_softmax(-1).logsumexp(1) - math.log(logits.shape[1])
+    return mean.clamp_min(math.log(1e-30))
+
+
+class FoldMean(torch.nn.Module):
+    """K fold models in one module: the log of their mean probability (what ``zoo export`` writes for a cross-fit
+    whose fold models do not share their backbone)."""
+
+    def __init__(self, models: list[torch.nn.Module]):
+        super().__init__()
+        self.models = torch.nn.ModuleList(models)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return fold_mean_log_probability(torch.stack([model(images) for model in self.models], 1))
+
+
 class FoldHeads(torch.nn.Module):
     """One backbone and the fold models' linear heads: the log of the fold models' mean probability.
 
@@ -102,10 +121,7 @@ class FoldHeads(torch.nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = self.features(images)
-        logits = torch.einsum("bd,kcd->bkc", features.float(), self.weight.float()) + self.bias.float()
-        # As ``zoo.predictions.mean_log_probability`` combines K separate passes (clipped at 1e-30 likewise).
-        mean = logits.log_softmax(-1).logsumexp(1) - math.log(len(self.weight))
-        return mean.clamp_min(math.log(1e-30))
+        return fold_mean_log_probability(torch.einsum("bd,kcd->bkc", features.float(), self.weight.float()) + self.bias.float())
 
 
 def shared_backbone(model_runs: list[RunDir], device: torch.device | None = None) -> tuple[FoldHeads, dict] | None:

@@ -224,6 +224,18 @@ def _label_name(preds: Predictions, row: int) -> str:
     return repr(preds.classes[label]) if 0 <= label < len(preds.classes) else "unlabelled (-1)"
 
 
+def log_loss_and_accuracy(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Log loss and accuracy of the labelled rows (labels >= 0); NaN for both when none is labelled."""
+    known = labels >= 0
+    if not known.any():
+        return float("nan"), float("nan")
+    z = logits[known].astype(np.float64)
+    z = z - z.max(1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    y = labels[known]
+    return float(-logp[np.arange(len(y)), y].mean()), float((logp.argmax(1) == y).mean())
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax in float64."""
     z = np.asarray(logits, dtype=np.float64)

@@ -60,9 +60,10 @@ def main():
 
 def _register() -> None:
     # Imported here so that each module's commands attach to ``main`` once.
-    from zoo.cli import clean_commands, ensemble_commands, finetune_commands, run_commands, soup_commands  # noqa: F401
+    from zoo.cli import (clean_commands, ensemble_commands, export_commands, finetune_commands, run_commands,  # noqa: F401
+                         soup_commands)
 
-    for module in (finetune_commands, ensemble_commands, clean_commands, soup_commands, run_commands):
+    for module in (finetune_commands, ensemble_commands, clean_commands, soup_commands, export_commands, run_commands):
         for command in module.COMMANDS:
             main.add_command(command)
 

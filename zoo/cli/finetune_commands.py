@@ -6,6 +6,8 @@ each option's default and help live in one place (``finetune/config.py``).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from finetune.config import OPTIMIZERS, FinetuneConfig
@@ -51,7 +53,7 @@ def finetune_command(**options):
 
 
 @click.command("predict")
-@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.argument("run", type=click.Path(exists=True))
 @click.option("--data", required=True, type=click.Path(exists=True), help="dataset folder, CSV, or any folder of images")
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test", "all", "run-val"]),
               help="which split of --data; 'all' predicts every image under it; 'run-val' the run's own validation images "
@@ -63,15 +65,30 @@ def finetune_command(**options):
 @click.option("--allow-outside-root", is_flag=True, help="allow CSV paths outside the CSV's folder")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help=THREADS_HELP)
 def predict_command(run, data, split, out, tta, batch_size, device, allow_outside_root, threads):
-    """Predict images with a run's best model (a cross-fit: the mean of its fold models) and write a
-    prediction file (.safetensors) or a CSV of id,prediction,<class probabilities> (.csv)."""
-    from finetune.engine import log_loss_and_accuracy, stderr_log
-    from finetune.inference import predict_run
-    from zoo.predictions import check_output_path, write_output
+    """Predict images with a run's best model (a cross-fit: the mean of its fold models), or with an
+    ONNX file of `zoo export` on onnxruntime (no torch), and write a prediction file (.safetensors)
+    or a CSV of id,prediction,<class probabilities> (.csv).
+
+    \b
+    zoo predict runs/convnext --data data/ --out preds.csv
+    zoo predict ensemble.onnx --data new_images/ --split all --out preds.csv
+    """
+    from zoo.predictions import check_output_path, log_loss_and_accuracy, write_output
+    from zoo.progress import write as stderr_log
 
     check_output_path(out)
-    preds = predict_run(run, data, split=split, tta=tta, batch_size=batch_size, device=device, log=stderr_log,
-                        allow_outside_root=allow_outside_root, threads=threads)
+    if Path(run).is_file():  # an exported graph: onnxruntime, numpy and PIL only; torch is never imported
+        from zoo.onnx_predict import predict_onnx
+
+        if tta != 1 or split == "run-val" or device not in (None, "cpu"):
+            raise click.UsageError(f"{run}: an ONNX file predicts on the CPU, without --tta, on --split train|val|test|all")
+        preds = predict_onnx(run, data, split=split, batch_size=batch_size, threads=threads,
+                             allow_outside_root=allow_outside_root, log=stderr_log)
+    else:
+        from finetune.inference import predict_run
+
+        preds = predict_run(run, data, split=split, tta=tta, batch_size=batch_size, device=device, log=stderr_log,
+                            allow_outside_root=allow_outside_root, threads=threads)
     write_output(out, preds)
     loss, acc = log_loss_and_accuracy(preds.logits, preds.labels)
     known = int((preds.labels >= 0).sum())

@@ -6,6 +6,7 @@ import click
 from click.core import ParameterSource
 
 from zoo.cli.options import THREADS_HELP, config_options
+from zoo.pipeline.leaderboard import LATENCY_BACKENDS
 
 # FinetuneConfig fields that zoo run sets itself (or that its own options replace): not options of
 # zoo run (removed from its parameters below), so they never reach ``given``.
@@ -23,9 +24,11 @@ _NOT_SHARED = ("resume", "fold", "val_from_train", "linear_probe", "probe_views"
 @click.option("--cv", default=5, show_default=True, type=click.IntRange(min=0), help="cross-validation folds of the ensemble fit")
 @click.option("--latency-repeats", default=5, show_default=True, type=click.IntRange(min=1),
               help="timed forward passes per batch size (median)")
+@click.option("--latency-backend", default="torch", show_default=True, type=click.Choice(list(LATENCY_BACKENDS)),
+              help="what the latency columns time: " + "; ".join(f"{k}: {v}" for k, v in LATENCY_BACKENDS.items()))
 @config_options
 @click.pass_context
-def run_command(ctx, data, out, backbones, zoo_file, max_latency, cv, latency_repeats, **options):
+def run_command(ctx, data, out, backbones, zoo_file, max_latency, cv, latency_repeats, latency_backend, **options):
     """Fine-tune a zoo of backbones, correlate them, fit and score the ensemble, and report.
 
     \b
@@ -63,7 +66,8 @@ def run_command(ctx, data, out, backbones, zoo_file, max_latency, cv, latency_re
     elif given.get("weights"):
         raise click.UsageError("--weights needs --backbones NAME (the backbone those weights are for)")
     result = run_zoo(data, out, members, shared=shared, given=given, folds=folds, fold_seed=fold_seed, cv=cv,
-                     max_latency=max_latency, latency_repeats=latency_repeats, log=lambda m: click.echo(m, err=True))
+                     max_latency=max_latency, latency_repeats=latency_repeats,
+                     latency_backend=latency_backend, log=lambda m: click.echo(m, err=True))
     if result.status != "finished":
         raise click.ClickException(f"stopped before the end; run the same command again to continue ({out})")
     click.echo(result.summary)

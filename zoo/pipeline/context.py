@@ -43,6 +43,7 @@ class ZooRun:
     cv: int
     max_latency: float | None
     latency_repeats: int
+    latency_backend: str  # a key of zoo.pipeline.leaderboard.LATENCY_BACKENDS
     device: str | None
     threads: int | None
     title: str

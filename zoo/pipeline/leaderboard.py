@@ -26,6 +26,8 @@ from zoo import atomic
 from zoo.errors import UserInputError
 from zoo.rundir import RunDir
 
+LATENCY_BACKENDS = {"torch": "PyTorch eager, as zoo predicts",
+                    "onnx": "the pass exported to ONNX (zoo export), on onnxruntime's CPU provider, as a deployment runs it"}
 MAX_EXHAUSTIVE = 8  # every subset up to this many members (255 subsets); greedy beyond
 LATENCY_BATCHES = (1, 64)
 
@@ -125,10 +127,12 @@ def subset_table(names: list[str], latency: list[float], params: list[int], sele
 
 
 def measure_latency(run: str | os.PathLike, *, batch_sizes: Sequence[int] = LATENCY_BATCHES, repeats: int = 5,
-                    device: str | None = None, threads: int | None = None) -> dict[str, Any]:
+                    device: str | None = None, threads: int | None = None, backend: str = "torch") -> dict[str, Any]:
     """Parameters and milliseconds per image of one prediction pass of the run (a cross-fit: one fold model, or
     its shared backbone and K heads; ``passes`` says how many passes a prediction takes) on random input of its
-    input size, under ``torch.inference_mode``: one warm-up pass, then the median of ``repeats``."""
+    input size: one warm-up pass, then the median of ``repeats``. ``backend`` (``LATENCY_BACKENDS``): ``torch`` runs
+    it under ``torch.inference_mode``; ``onnx`` exports the pass (``zoo.pipeline.export``) and runs the graph with
+    onnxruntime on the CPU, with the same threads."""
     import torch
 
     from finetune.hardware import resolve_hardware
@@ -137,6 +141,10 @@ def measure_latency(run: str | os.PathLike, *, batch_sizes: Sequence[int] = LATE
 
     if repeats < 1:
         raise UserInputError(f"--latency-repeats must be at least 1, got {repeats}")
+    if backend not in LATENCY_BACKENDS:
+        raise UserInputError(f"--latency-backend must be one of {', '.join(LATENCY_BACKENDS)}, got {backend!r}")
+    if backend == "onnx":
+        device = "cpu"  # onnxruntime's CPU provider: the graph runs there
     hardware = resolve_hardware(device, None, None)
     budget = cpu_budget(threads, 0, hardware.device.type)
     apply_budget(budget)
@@ -145,7 +153,12 @@ def measure_latency(run: str | os.PathLike, *, batch_sizes: Sequence[int] = LATE
         model.to(memory_format=torch.channels_last)
     size = [int(v) for v in config["data_config"]["input_size"]]
     out: dict[str, Any] = {"params": int(sum(p.numel() for p in model.parameters())), "device": str(hardware.device),
-                           "threads": budget.threads, "input_size": size, "repeats": repeats, "passes": passes}
+                           "threads": budget.threads, "input_size": size, "repeats": repeats, "passes": passes,
+                           "backend": backend}
+    if backend == "onnx":
+        for batch, seconds in onnx_latency(model, size, batch_sizes, repeats, budget.threads).items():
+            out[f"ms_per_image_batch{batch}"] = 1000.0 * seconds / batch
+        return out
 
     def sync():
         if hardware.device.type == "cuda":
@@ -168,8 +181,35 @@ def measure_latency(run: str | os.PathLike, *, batch_sizes: Sequence[int] = LATE
     return out
 
 
+def onnx_latency(model, size: Sequence[int], batch_sizes: Sequence[int], repeats: int, threads: int) -> dict[int, float]:
+    """Median seconds per batch of ``model`` exported to ONNX and run with onnxruntime (one warm-up run first)."""
+    import tempfile
+
+    from zoo.onnx_predict import import_onnxruntime
+    from zoo.pipeline.export import export_module
+
+    ort = import_onnxruntime()
+    with tempfile.TemporaryDirectory(prefix="zoo-latency-") as folder:
+        path = Path(folder) / "pass.onnx"
+        export_module(model.cpu().float(), [size], ["image"], path, output="logits")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    out = {}
+    for batch in batch_sizes:
+        x = {"image": np.random.default_rng(0).random((batch, *size), dtype=np.float32)}
+        session.run(None, x)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            session.run(None, x)
+            times.append(time.perf_counter() - start)
+        out[batch] = statistics.median(times)
+    return out
+
+
 def cached_latencies(path: Path, names: Sequence[str], runs: Sequence[RunDir], repeats: int, device: str | None,
-                     threads: int | None, log: Callable[[str], None]) -> list[dict[str, Any]]:
+                     threads: int | None, log: Callable[[str], None], backend: str = "torch") -> list[dict[str, Any]]:
     """Each member's latency, measured once per model file, device and thread count (kept in ``path``, a zoo run's
     ``latency.json``: re-running a finished zoo does not time it again; a retrained member is timed again)."""
     cache = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
@@ -179,13 +219,14 @@ def cached_latencies(path: Path, names: Sequence[str], runs: Sequence[RunDir], r
         model = (run.fold_runs() or [run])[0].model
         stamp = f"{model.stat().st_mtime_ns}:{model.stat().st_size}"
         fresh = entry is None or entry.get("model") != stamp or entry.get("repeats") != repeats or "passes" not in entry \
-            or (device and entry.get("device") != device) or (threads and entry.get("threads") != threads)
+            or (device and entry.get("device") != device) or (threads and entry.get("threads") != threads) \
+            or entry.get("backend", "torch") != backend
         if fresh:
-            entry = {**measure_latency(run.root, repeats=repeats, device=device, threads=threads), "model": stamp}
+            entry = {**measure_latency(run.root, repeats=repeats, device=device, threads=threads, backend=backend), "model": stamp}
             cache[name] = entry
             atomic.write_json(path, cache)
             log(f"  {name}: {entry['params'] / 1e6:.2f} M parameters, {entry['ms_per_image_batch1']:.2f} ms/image at batch 1, "
-                f"{entry['ms_per_image_batch64']:.2f} at batch 64 ({entry['device']}, {entry['threads']} thread(s))")
+                f"{entry['ms_per_image_batch64']:.2f} at batch 64 ({entry['device']}, {entry['threads']} thread(s), {backend})")
         measured.append(entry)
     return measured
 

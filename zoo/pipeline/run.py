@@ -54,6 +54,7 @@ _SHOWN = ("epoch", "cpu budget", "fold ", "cross-fitting", "out-of-fold", "holdo
 def run_zoo(data: str | os.PathLike, out: str | os.PathLike, members: Sequence[MemberSpec] | None = None, *,
             shared: dict[str, Any] | None = None, given: dict[str, Any] | None = None, folds: int | None = None,
             fold_seed: int | None = None, cv: int = 5, max_latency: float | None = None, latency_repeats: int = 5,
+            latency_backend: str = "torch",
             title: str = "zoo run", log: Callable[[str], None] = print, stop_after_epoch: int | None = None) -> RunResult:
     """Run every stage of a zoo into ``out``; see the module docstring.
 
@@ -61,7 +62,8 @@ def run_zoo(data: str | os.PathLike, out: str | os.PathLike, members: Sequence[M
     for every member (a zoo file's [defaults]); ``given``: options typed on the command line, which win
     over both; ``folds``: cross-fit every member (out-of-fold selection rows, ``val/`` the holdout);
     ``cv``: folds of the ensemble fit's cross-validation; ``max_latency``: pick the best member subset
-    within this many ms per image (batch 64); ``stop_after_epoch``: stop the member being trained after
+    within this many ms per image (batch 64); ``latency_backend``: what times the members, PyTorch eager or their
+    exported graphs on onnxruntime (``zoo.pipeline.leaderboard.LATENCY_BACKENDS``); ``stop_after_epoch``: stop the member being trained after
     that many epochs, as a kill would (tests). Returns a ``RunResult`` (``status`` ``interrupted`` then).
     """
     from zoo.data import read_listing
@@ -80,8 +82,8 @@ def run_zoo(data: str | os.PathLike, out: str | os.PathLike, members: Sequence[M
     if len(members) < 2:
         raise UserInputError(f"a zoo needs at least 2 members to correlate and ensemble, got {len(members)}; "
                              "use `zoo finetune` for one backbone")
-    run = ZooRun(data, layout, members, shared, given, folds, fold_seed, cv, max_latency, latency_repeats, device, threads,
-                 title, log, listing, RunResult(layout.root, "finished"), start)
+    run = ZooRun(data, layout, members, shared, given, folds, fold_seed, cv, max_latency, latency_repeats, latency_backend,
+                 device, threads, title, log, listing, RunResult(layout.root, "finished"), start)
     check_members(run)
     with hold_folder(layout.root):  # a second `zoo run` on this --out refuses while this one works
         if not train_members(run, stop_after_epoch):
@@ -348,7 +350,7 @@ def score_and_time(run: ZooRun) -> None:
 
     run.log("[5/6] scoring on the holdout and measuring latency on this device")
     run.latency = cached_latencies(run.layout.latency, run.names, run.runs, run.latency_repeats, run.device, run.threads,
-                                   run.log)
+                                   run.log, backend=run.latency_backend)
     if run.holdout is not None and (run.holdout[0].labels >= 0).all():
         run.holdout_table = score_ensemble(run.ensemble, predictions=run.holdout)
         write_score_table(run.layout.holdout_scores, run.holdout_table)
