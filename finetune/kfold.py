@@ -27,7 +27,7 @@ from finetune import distributed
 from finetune.config import FinetuneConfig
 from finetune.engine import log_loss_and_accuracy, quiet_log, stderr_log
 from finetune.inference import predict_run
-from finetune.train import FinetuneResult, TrainingInterrupted, finetune
+from finetune.train import FinetuneResult, TrainingInterrupted, finetune, run_name
 from zoo import atomic
 from zoo.data import CLASS_ORDER, read_listing
 from zoo.errors import UserInputError
@@ -35,10 +35,12 @@ from zoo.folds import assign_folds, fold_sizes, folds_record, pool_and_holdout, 
 from zoo.predictions import Predictions, mean_probability, read_predictions, write_predictions
 from zoo.progress import progress as progress_bar
 from zoo.rundir import RunDir
+from zoo.timelimit import TimeBudget
+from zoo.tracking import Tracker, Tracking
 
 # Options that change where or how fast a run goes, not what it learns: they may differ
 # between the command that started a cross-fit and one that continues it.
-NOT_RESULT_OPTIONS = frozenset({"out", "resume", "fold", "workers", "device", "threads", "cache"})
+NOT_RESULT_OPTIONS = frozenset({"out", "resume", "fold", "workers", "device", "threads", "cache", "mlflow"})
 
 
 @dataclass
@@ -49,17 +51,21 @@ class CrossFitResult:
     skipped: list[int]  # folds finished earlier
     assembled: bool  # every fold done and the out-of-fold file written
     scores: dict[str, dict[str, float]]  # oof / holdout: log_loss, accuracy (when assembled)
-    stopped: str = "finished"  # finished | interrupted | waiting (other folds still to run)
+    stopped: str = "finished"  # finished | interrupted | waiting (other folds still to run) | time-limit (folds not started)
     rank: int = 0
 
 
 def finetune_folds(cfg: FinetuneConfig, *, log=stderr_log, progress: bool | None = None,
-                   stop_after_epoch: int | None = None) -> CrossFitResult:
+                   stop_after_epoch: int | None = None, tracking: Tracking | None = None,
+                   time_budget: TimeBudget | None = None) -> CrossFitResult:
     """Cross-fit ``cfg.backbone``: train the fold models of ``cfg.folds`` (or ``cfg.fold`` alone) into
     ``cfg.out/fold-i``, then, once every fold is finished, write the out-of-fold and holdout predictions.
 
     ``stop_after_epoch`` is passed to each fold (tests stop a fold part-way, as a kill would).
-    Under torchrun the folds run in turn, each data-parallel over all processes.
+    Under torchrun the folds run in turn, each data-parallel over all processes. ``tracking``: the
+    cross-fit is one MLflow run, its fold models runs nested under it. ``time_budget``: a fold starts
+    only when an epoch of it and of every fold after it still fits (``stopped`` is ``time-limit`` else);
+    finished folds are kept, and running the command again with more time continues.
     """
     run = RunDir(cfg.out)
     cfg = _options_to_run(cfg, run).validate()
@@ -78,7 +84,10 @@ def finetune_folds(cfg: FinetuneConfig, *, log=stderr_log, progress: bool | None
                                                            if holdout else "none"))
         result = CrossFitResult(run, cfg.folds, {}, [], False, {}, rank=dist.rank)
         todo = [cfg.fold] if cfg.fold else list(range(1, cfg.folds + 1))
-        with progress_bar(len(todo), f"cross-fit of {cfg.backbone}", unit="folds", enabled=progress if dist.is_main else False) as bar:
+        tracking = tracking or Tracking(mlflow=cfg.mlflow)
+        tracker = tracking.open(run, run_name(run), cfg.to_dict()) if dist.is_main else Tracker()
+        pending = [f for f in todo if not run.fold_run(f).result.is_file()]
+        with tracker, progress_bar(len(todo), f"cross-fit of {cfg.backbone}", unit="folds", enabled=progress if dist.is_main else False) as bar:
             for fold in todo:
                 fold_run = run.fold_run(fold)
                 if fold_run.result.is_file():
@@ -86,17 +95,27 @@ def finetune_folds(cfg: FinetuneConfig, *, log=stderr_log, progress: bool | None
                     result.skipped.append(fold)
                     bar.update(1)
                     continue
+                if time_budget is not None:
+                    time_budget.later_epochs = len(pending) - pending.index(fold) - 1
+                    if dist.max([int(not time_budget.fits_epoch())])[0]:
+                        log(f"time limit: folds {pending[pending.index(fold):]} would not all end in time "
+                            f"({time_budget.describe()}); the cross-fit is left unfinished (run again to continue it)")
+                        result.stopped = "time-limit"
+                        tracker.close(stopped=True)
+                        return result
                 resume = fold_run.resume_state.is_file()
                 log(f"fold {fold}/{cfg.folds}: " + ("continuing from its resume state" if resume else "training") + f" -> {fold_run.root}")
                 fold_cfg = replace(cfg, out=str(fold_run.root), fold=fold, resume=resume)
                 try:
-                    trained = finetune(fold_cfg, log=log, progress=progress, stop_after_epoch=stop_after_epoch)
+                    trained = finetune(fold_cfg, log=log, progress=progress, stop_after_epoch=stop_after_epoch,
+                                       tracking=tracking.under(tracker), time_budget=time_budget)
                 except TrainingInterrupted:
                     log(f"the cross-fit continues with: zoo finetune --resume --out {run.root}")
                     raise
                 result.trained[fold] = trained
                 if trained.stopped == "interrupted":
                     result.stopped = "interrupted"
+                    tracker.close(stopped=True)
                     return result
                 if dist.is_main and holdout:
                     _predict_holdout(fold_run, cfg, log, progress)
@@ -109,6 +128,8 @@ def finetune_folds(cfg: FinetuneConfig, *, log=stderr_log, progress: bool | None
             return result
         if dist.is_main:
             result.scores = assemble(run, cfg, folds, bool(holdout), log)
+            tracker.log_metrics({f"{split}_{k}": v for split, s in result.scores.items() for k, v in s.items()})
+            tracker.log_artifacts([run.config, run.folds, run.result])
         dist.barrier()
         result.assembled = True
         return result
