@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from zoo.errors import UserInputError
+from zoo.timelimit import parse_duration
 
 # Options that the run sets for every member alike, never per member.
 # (linear_probe and probe_views are per member: a zoo may mix probes and fine-tunes of one backbone.)
@@ -31,6 +32,7 @@ class MemberSpec:
     backbone: str
     weights: str | None = None
     options: dict[str, Any] = field(default_factory=dict)  # FinetuneConfig fields for this member
+    time_limit: float | None = None  # seconds of training this member may take (zoo.timelimit), within the run's
 
 
 def _finetune_fields() -> dict[str, dataclasses.Field]:
@@ -115,6 +117,7 @@ def read_zoo_file(path: str | os.PathLike) -> tuple[list[MemberSpec], dict[str, 
         weights = "lite0.pth" # optional: relative to this file, absolute, or pkg:MODULE/path (globs allowed)
         name = "lite0"        # optional: default is the backbone without its tag
         lr = 2e-3             # any `zoo finetune` option, for this member
+        time_limit = "30m"    # optional: this member's training budget (also in [defaults])
     """
     import tomllib
 
@@ -128,7 +131,9 @@ def read_zoo_file(path: str | os.PathLike) -> tuple[list[MemberSpec], dict[str, 
     unknown = sorted(set(doc) - {"defaults", "member"})
     if unknown:
         raise UserInputError(f"{path}: unknown table(s) {unknown}; a zoo file has [defaults] and [[member]] tables")
-    defaults = check_options(dict(doc.get("defaults", {})), f"{path} [defaults]")
+    defaults = dict(doc.get("defaults", {}))
+    default_limit = defaults.pop("time_limit", None)
+    defaults = check_options(defaults, f"{path} [defaults]")
     members = doc.get("member", [])
     if not isinstance(members, list) or not members:
         raise UserInputError(f"{path}: no members; add one [[member]] table per backbone with backbone = \"timm name\"")
@@ -144,7 +149,9 @@ def read_zoo_file(path: str | os.PathLike) -> tuple[list[MemberSpec], dict[str, 
             raise UserInputError(f"{where}: name {name!r} must be letters, digits, '_', '-' or '.' (it names a folder)")
         weights = table.pop("weights", None)
         weights = resolve_weights(str(weights), path.parent, where) if weights else None
-        specs.append(MemberSpec(name, backbone, weights, check_options(table, where)))
+        limit = table.pop("time_limit", default_limit)
+        limit = parse_duration(limit, f"{where}: time_limit") if limit is not None else None
+        specs.append(MemberSpec(name, backbone, weights, check_options(table, where), limit))
     return unique_names(specs, str(path)), defaults
 
 
