@@ -51,32 +51,52 @@ def finetune_command(**options):
 
 
 @click.command("predict")
-@click.argument("run", type=click.Path(exists=True, file_okay=False))
-@click.option("--data", required=True, type=click.Path(exists=True), help="dataset folder, CSV, or any folder of images")
+@click.argument("source", type=click.Path(exists=True))
+@click.argument("images", nargs=-1)
+@click.option("--data", default=None, type=click.Path(exists=True), help="dataset folder, CSV, or any folder of images "
+              "(instead of IMAGES)")
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test", "all", "run-val"]),
               help="which split of --data; 'all' predicts every image under it; 'run-val' the run's own validation images "
                    "(also when split from train/; a cross-fit: out-of-fold), to fit an ensemble on predictions with the same --tta")
-@click.option("--out", required=True, type=click.Path(), help="prediction file (.safetensors) or CSV (.csv) to write")
+@click.option("--out", default=None, type=click.Path(), help="prediction file (.safetensors) or CSV (.csv) to write "
+              "(default: the CSV on stdout)")
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0),
+              help="add the K most probable classes and their probabilities to the CSV (top1_class, top1_prob, ...)")
 @click.option("--tta", default=1, show_default=True, help="test-time augmentation views (1: none; 2: + flip; up to 6 with zooms)")
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--device", default=None, help="cuda, cpu ... (default: cuda when present)")
 @click.option("--allow-outside-root", is_flag=True, help="allow CSV paths outside the CSV's folder")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help=THREADS_HELP)
-def predict_command(run, data, split, out, tta, batch_size, device, allow_outside_root, threads):
-    """Predict images with a run's best model (a cross-fit: the mean of its fold models) and write a
-    prediction file (.safetensors) or a CSV of id,prediction,<class probabilities> (.csv)."""
-    from finetune.engine import log_loss_and_accuracy, stderr_log
-    from finetune.inference import predict_run
-    from zoo.predictions import check_output_path, write_output
+def predict_command(source, images, data, split, out, top_k, tta, batch_size, device, allow_outside_root, threads):
+    """Predict images with a run's best model (a cross-fit: the mean of its fold models), an ensemble
+    file or a zoo run folder (its ensemble), and write a prediction file (.safetensors) or a CSV of
+    id,prediction,<class probabilities> (.csv, or stdout without --out).
 
-    check_output_path(out)
-    preds = predict_run(run, data, split=split, tta=tta, batch_size=batch_size, device=device, log=stderr_log,
-                        allow_outside_root=allow_outside_root, threads=threads)
-    write_output(out, preds)
+    \b
+    zoo predict runs/lite0 photo.jpg more/*.jpg --top-k 2
+    zoo predict ens.json "photos/**/*.jpg" --out preds.csv
+    zoo predict runs/lite0 --data data/ --split test --out test.safetensors
+    """
+    from finetune.engine import log_loss_and_accuracy, stderr_log
+    from zoo.pipeline.api import predict
+    from zoo.predictions import check_output_path, predictions_csv, write_output
+
+    if images and data:
+        raise click.UsageError("pass IMAGES or --data, not both")
+    if not images and not data:
+        raise click.UsageError("pass image files, globs or folders after SOURCE, or --data DIR")
+    if out:
+        check_output_path(out, top_k)
+    preds = predict(source, list(images) or None, data=data, split=split, tta=tta, batch_size=batch_size, device=device,
+                    threads=threads, allow_outside_root=allow_outside_root, log=stderr_log, progress=None)
+    if out:
+        write_output(out, preds, top_k)
+    else:
+        click.echo(predictions_csv(preds, top_k), nl=False)
     loss, acc = log_loss_and_accuracy(preds.logits, preds.labels)
     known = int((preds.labels >= 0).sum())
     scores = f"\tlog_loss={loss:.4f}\taccuracy={acc:.4f} ({known} labelled)" if known else ""
-    click.echo(f"{out}\t{len(preds.ids)} images{scores}")
+    click.echo(f"{out or 'stdout'}\t{len(preds.ids)} images{scores}", err=not out)
 
 
 @click.command("lr-find")
