@@ -21,6 +21,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
@@ -154,6 +155,11 @@ class _TensorBoard:
         self.writer.close()
 
 
+def mlflow_name(key: str) -> str:
+    """A metric name MLflow accepts: a stage group such as ``conv1+bn1`` gets ``_`` for what MLflow refuses."""
+    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", key)
+
+
 class _MLflow:
     def __init__(self, client, run_id: str):
         self.client, self.run_id = client, run_id
@@ -200,7 +206,7 @@ class _MLflow:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
+        self.client.log_batch(self.run_id, metrics=[Metric(mlflow_name(k), v, now, step) for k, v in metrics.items()])
 
     def log_artifacts(self, files: list[Path]) -> None:
         for path in files:
