@@ -134,3 +134,17 @@ def test_zoo_predict_bad_input_is_one_line(session, args, message):
     args = [a.format(run=folder / "runs/digits/members/test_resnet", folder=folder, one=one) for a in args]
     got = CliRunner().invoke(main, ["predict", *args])
     assert got.exit_code != 0 and message in got.output and "Traceback" not in got.output, got.output
+
+
+def test_the_api_shows_tqdm_auto_bars_even_off_a_terminal_and_none_with_progress_false(monkeypatch):
+    monkeypatch.delenv("ZOO_PROGRESS", raising=False)
+    from tqdm.auto import tqdm as auto_tqdm
+
+    from zoo.progress import bars, progress
+
+    with progress(10, "plain", delay=0) as plain:
+        assert plain._bar is None  # pytest's stderr is no terminal: lines, not a bar
+    with bars(), progress(10, "notebook", delay=0) as bar:
+        assert isinstance(bar._bar, auto_tqdm)
+    with bars(False), progress(10, "quiet", delay=0) as quiet:
+        assert not quiet.enabled

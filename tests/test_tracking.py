@@ -104,12 +104,12 @@ def test_zoo_run_mlflow_is_a_parent_run_with_one_nested_run_per_member_and_the_e
     assert runs["zoo"].data.params["members"] == "test_resnet=test_resnet, test_efficientnet=test_efficientnet"
     with (out / "leaderboard.csv").open() as f:
         board = {r["name"]: r for r in csv.DictReader(f)}
-    assert runs["zoo"].data.metrics["fitted_ensemble/holdout_log_loss"] == pytest.approx(
+    assert runs["zoo"].data.metrics["scores/fitted_ensemble/holdout_log_loss"] == pytest.approx(
         float(board["fitted ensemble"]["holdout_log_loss"]), abs=1e-6)
     assert {"report.html", "leaderboard.csv", "ensemble.json"} <= {a.path for a in client.list_artifacts(parent)}
     # TensorBoard: each member's curves in its own tb/, the ensemble's scores in OUT/tb.
     assert scalars(out / "members" / "test_resnet" / "tb")["loss/val"][0][0] == 1
-    assert scalars(out / "tb")["fitted_ensemble/holdout_log_loss"][0][1] == pytest.approx(
+    assert scalars(out / "tb")["scores/fitted_ensemble/holdout_log_loss"][0][1] == pytest.approx(
         float(board["fitted ensemble"]["holdout_log_loss"]), abs=1e-6)
 
 

@@ -263,7 +263,7 @@ def write_report(path: Path, inputs: ReportInputs) -> Path:
         f"({e(', '.join(inputs.trained) or 'none')}) and skipped {len(inputs.skipped)} finished earlier; "
         f"{inputs.seconds:.0f} s. Selection rows: {e(inputs.select_split)} (what weights and subsets are chosen on); "
         f"holdout: {e(inputs.holdout_split + '/') if inputs.holdout is not None else 'none'} (never trained or chosen on).</p>",
-        *([f"<p class=note><b>Time limit</b>: " + "; ".join(f"{e(name)}: {e(why)}" for name, why in inputs.timed_out.items())
+        *(["<p class=note><b>Time limit</b>: " + "; ".join(f"{e(name)}: {e(why)}" for name, why in inputs.timed_out.items())
            + ".</p>"] if inputs.timed_out else []),
         "<h2>Leaderboard</h2>", leaderboard_html(inputs.leaderboard, inputs.select_split),
         f"<p class=note>Latency: this device, milliseconds per image of one model's forward pass on random input; "

@@ -381,8 +381,9 @@ def write_tables(run: ZooRun) -> None:
 
 
 def track_scores(run: ZooRun, records: list[dict]) -> None:
-    """The run's scores to TensorBoard and MLflow (``zoo.tracking``): each leaderboard row's, and its files."""
-    run.tracker.log_metrics({f"{r['name'].replace(' ', '_')}/{key}": value for r in records for key, value in r.items()
+    """The run's scores to TensorBoard and MLflow (``zoo.tracking``): each leaderboard row's (``scores/<row>/<metric>``,
+    one TensorBoard section), and its files."""
+    run.tracker.log_metrics({f"scores/{r['name'].replace(' ', '_')}/{key}": value for r in records for key, value in r.items()
                              if key.endswith(("accuracy", "log_loss", "ece")) or key == "weight"})
     run.tracker.log_artifacts([run.layout.report, run.layout.leaderboard, run.layout.ensemble, run.layout.pareto])
 
