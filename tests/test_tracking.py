@@ -188,6 +188,8 @@ def test_a_real_mlflow_server_receives_params_epochs_and_files(tmp_path, monkeyp
 
 def test_tracker_marks_failed_and_killed_runs():
     class Sink:
+        name = "test"
+
         def __init__(self):
             self.status = None
 
@@ -205,3 +207,25 @@ def test_tracker_marks_failed_and_killed_runs():
         with Tracker([sink]):
             raise KeyboardInterrupt
     assert sink.status == "KILLED"
+
+
+def test_a_failing_sink_is_dropped_with_one_warning_and_the_others_go_on(capsys):
+    class Broken:
+        name = "MLflow"
+
+        def log_metrics(self, metrics, step):
+            raise ConnectionError("server gone\nsecond line")
+
+    class Kept:
+        name = "kept"
+        seen: list = []
+
+        def log_metrics(self, metrics, step):
+            self.seen.append((step, metrics))
+
+    kept = Kept()
+    tracker = Tracker([Broken(), kept])
+    tracker.log_epoch(1, {"val_loss": 0.5, "epoch": 1})
+    tracker.log_epoch(2, {"val_loss": 0.4, "epoch": 2})
+    assert kept.seen == [(1, {"val_loss": 0.5}), (2, {"val_loss": 0.4})] and tracker.sinks == [kept]
+    assert capsys.readouterr().err.count("warning: MLflow tracking stopped (server gone)") == 1

@@ -82,20 +82,32 @@ class Tracking:
 class Tracker:
     """What a run reports, handed to each sink: ``log_params``, ``log_epoch`` (a metrics.csv row),
     ``log_metrics``, ``log_artifacts``, then ``close``. A context manager: an exception marks the
-    MLflow run failed (killed, for Ctrl-C/SIGTERM). With no sinks it does nothing."""
+    MLflow run failed (killed, for Ctrl-C/SIGTERM). With no sinks it does nothing.
+
+    A sink that fails (a tracking server gone away) is dropped with one warning: tracking never
+    stops a training run."""
 
     def __init__(self, sinks: Iterable = ()):
         self.sinks = list(sinks)
         self.closed = False
+
+    def _each(self, method: str, *args) -> None:
+        for sink in list(self.sinks):
+            try:
+                getattr(sink, method)(*args)
+            except Exception as e:  # noqa: BLE001 - any library's failure: the training goes on without it
+                from zoo.progress import write
+
+                self.sinks.remove(sink)
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                write(f"warning: {sink.name} tracking stopped ({first}); training goes on, metrics.csv has every epoch")
 
     @property
     def mlflow_run_id(self) -> str | None:
         return next((s.run_id for s in self.sinks if isinstance(s, _MLflow)), None)
 
     def log_params(self, params: dict[str, Any]) -> None:
-        params = {k: v for k, v in params.items() if v is not None}
-        for sink in self.sinks:
-            sink.log_params(params)
+        self._each("log_params", {k: v for k, v in params.items() if v is not None})
 
     def log_epoch(self, step: int, row: dict[str, Any]) -> None:
         """One epoch's row of metrics.csv: losses, accuracies, each group's learning rate, seconds, images/s."""
@@ -104,13 +116,10 @@ class Tracker:
     def log_metrics(self, metrics: dict[str, Any], step: int = 0) -> None:
         numbers = {k: float(v) for k, v in metrics.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-        for sink in self.sinks:
-            sink.log_metrics(numbers, step)
+        self._each("log_metrics", numbers, step)
 
     def log_artifacts(self, paths: Iterable[str | os.PathLike]) -> None:
-        files = [Path(p) for p in paths if Path(p).is_file()]
-        for sink in self.sinks:
-            sink.log_artifacts(files)
+        self._each("log_artifacts", [Path(p) for p in paths if Path(p).is_file()])
 
     def close(self, error: BaseException | None = None, *, stopped: bool = False) -> None:
         """End the run: finished; ``stopped`` before its end (killed in MLflow); or failed with ``error`` (killed for
@@ -119,9 +128,7 @@ class Tracker:
             return
         self.closed = True
         killed = stopped or isinstance(error, (Interrupted, KeyboardInterrupt))
-        status = "KILLED" if killed else ("FAILED" if error is not None else "FINISHED")
-        for sink in self.sinks:
-            sink.close(status)
+        self._each("close", "KILLED" if killed else ("FAILED" if error is not None else "FINISHED"))
 
     def __enter__(self) -> "Tracker":
         return self
@@ -131,6 +138,8 @@ class Tracker:
 
 
 class _TensorBoard:
+    name = "TensorBoard"
+
     def __init__(self, log_dir: Path, resume_step: int | None):
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -161,6 +170,8 @@ def mlflow_name(key: str) -> str:
 
 
 class _MLflow:
+    name = "MLflow"
+
     def __init__(self, client, run_id: str):
         self.client, self.run_id = client, run_id
 
