@@ -121,6 +121,9 @@ class FinetuneConfig:
                                   "helps when each GPU's batch is small")
     scale_lr: bool = option(False, "under torchrun: multiply --lr by the number of processes (linear scaling rule: N processes "
                                    "make each step's batch N times larger); without it --lr is used as given")
+    mlflow: bool | None = option(None, "log the options, every epoch's metrics and the run's files to MLflow (where "
+                                       "MLFLOW_TRACKING_URI points; default: on when it is set); TensorBoard event files "
+                                       "go to RUN/tb whenever tensorboard is installed")
     seed: int = option(0, "random seed (data order, augmentation, head init, validation split)")
     resume: bool = option(False, "continue the run in --out where it stopped (mid-epoch after Ctrl-C/SIGTERM), with its saved options")
 
@@ -275,7 +278,7 @@ class FinetuneConfig:
 
 # Options that change where or how fast a run goes, not what it learns: they may differ
 # between the command that started a run and one that continues it.
-NOT_RESULT_OPTIONS = frozenset({"out", "resume", "fold", "workers", "device", "threads", "cache"})
+NOT_RESULT_OPTIONS = frozenset({"out", "resume", "fold", "workers", "device", "threads", "cache", "mlflow"})
 
 
 def check_resume_options(given: FinetuneConfig, saved: FinetuneConfig, where) -> None:

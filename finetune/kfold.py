@@ -28,7 +28,7 @@ from finetune import distributed
 from finetune.config import NOT_RESULT_OPTIONS, FinetuneConfig, check_resume_options
 from finetune.engine import log_loss_and_accuracy, quiet_log, stderr_log
 from finetune.inference import predict_run
-from finetune.train import FinetuneResult, TrainingInterrupted, finetune
+from finetune.train import FinetuneResult, TrainingInterrupted, finetune, run_name
 from zoo import atomic
 from zoo.data import CLASS_ORDER, read_listing
 from zoo.errors import UserInputError
@@ -36,6 +36,8 @@ from zoo.folds import fold_sizes, folds_record, pool_folds, write_folds
 from zoo.predictions import Predictions, mean_probability, read_predictions, write_predictions
 from zoo.progress import progress as progress_bar
 from zoo.rundir import RunDir, check_out_folder, hold_folder, is_finetune_run
+from zoo.timelimit import TimeBudget
+from zoo.tracking import Tracker, Tracking
 
 
 
@@ -47,26 +49,31 @@ class CrossFitResult:
     skipped: list[int]  # folds finished earlier
     assembled: bool  # every fold done and the out-of-fold file written
     scores: dict[str, dict[str, float]]  # oof / holdout: log_loss, accuracy (when assembled)
-    stopped: str = "finished"  # finished | interrupted | waiting (other folds still to run)
+    stopped: str = "finished"  # finished | interrupted | waiting (other folds still to run) | time-limit (folds not started)
     rank: int = 0
 
 
 def finetune_folds(cfg: FinetuneConfig, *, log=stderr_log, progress: bool | None = None,
-                   stop_after_epoch: int | None = None) -> CrossFitResult:
+                   stop_after_epoch: int | None = None, tracking: Tracking | None = None,
+                   time_budget: TimeBudget | None = None) -> CrossFitResult:
     """Cross-fit ``cfg.backbone``: train the fold models of ``cfg.folds`` (or ``cfg.fold`` alone) into
     ``cfg.out/fold-i``, then, once every fold is finished, write the out-of-fold and holdout predictions.
 
     ``stop_after_epoch`` is passed to each fold (tests stop a fold part-way, as a kill would).
-    Under torchrun the folds run in turn, each data-parallel over all processes.
+    Under torchrun the folds run in turn, each data-parallel over all processes. ``tracking``: the
+    cross-fit is one MLflow run, its fold models runs nested under it. ``time_budget``: a fold starts
+    only when an epoch of it and of every fold after it still fits (``stopped`` is ``time-limit`` else);
+    finished folds are kept, and running the command again with more time continues.
     """
     run = RunDir(check_out_folder(cfg.out, "a zoo finetune run", is_finetune_run))
     # A process of all folds holds the whole run; one of `--fold I` holds only its fold's folder (in finetune()),
     # so the K fold processes of one cross-fit run side by side.
     with contextlib.nullcontext() if cfg.fold else hold_folder(run.root):
-        return _finetune_folds(run, cfg, log, progress, stop_after_epoch)
+        return _finetune_folds(run, cfg, log, progress, stop_after_epoch, tracking, time_budget)
 
 
-def _finetune_folds(run: RunDir, cfg: FinetuneConfig, log, progress: bool | None, stop_after_epoch: int | None) -> CrossFitResult:
+def _finetune_folds(run: RunDir, cfg: FinetuneConfig, log, progress: bool | None, stop_after_epoch: int | None,
+                    tracking: Tracking | None, time_budget: TimeBudget | None) -> CrossFitResult:
     cfg = _options_to_run(cfg, run).validate()
     log = _warnings_once(log)  # every fold model starts alike: a warning about its options is said once, not K times
     dist = distributed.setup(cfg.device)  # once for all folds: each fold's finetune() joins this group
@@ -83,7 +90,10 @@ def _finetune_folds(run: RunDir, cfg: FinetuneConfig, log, progress: bool | None
             + (f"{len(holdout)} val/ images, never trained or selected on" if holdout else "none"))
         result = CrossFitResult(run, cfg.folds, {}, [], False, {}, rank=dist.rank)
         todo = [cfg.fold] if cfg.fold else list(range(1, cfg.folds + 1))
-        with progress_bar(len(todo), f"cross-fit of {cfg.backbone}", unit="folds", enabled=progress if dist.is_main else False) as bar:
+        tracking = tracking or Tracking(mlflow=cfg.mlflow)
+        tracker = tracking.open(run, run_name(run), cfg.to_dict()) if dist.is_main else Tracker()
+        pending = [f for f in todo if not run.fold_run(f).result.is_file()]
+        with tracker, progress_bar(len(todo), f"cross-fit of {cfg.backbone}", unit="folds", enabled=progress if dist.is_main else False) as bar:
             for fold in todo:
                 fold_run = run.fold_run(fold)
                 if fold_run.result.is_file():
@@ -91,17 +101,27 @@ def _finetune_folds(run: RunDir, cfg: FinetuneConfig, log, progress: bool | None
                     result.skipped.append(fold)
                     bar.update(1)
                     continue
+                if time_budget is not None:
+                    time_budget.later_epochs = len(pending) - pending.index(fold) - 1
+                    if dist.max([int(not time_budget.fits_epoch())])[0]:
+                        log(f"time limit: folds {pending[pending.index(fold):]} would not all end in time "
+                            f"({time_budget.describe()}); the cross-fit is left unfinished (run again to continue it)")
+                        result.stopped = "time-limit"
+                        tracker.close(stopped=True)
+                        return result
                 resume = fold_run.resume_state.is_file()
                 log(f"fold {fold}/{cfg.folds}: " + ("continuing from its resume state" if resume else "training") + f" -> {fold_run.root}")
                 fold_cfg = replace(cfg, out=str(fold_run.root), fold=fold, resume=resume)
                 try:
-                    trained = finetune(fold_cfg, log=log, progress=progress, stop_after_epoch=stop_after_epoch)
+                    trained = finetune(fold_cfg, log=log, progress=progress, stop_after_epoch=stop_after_epoch,
+                                       tracking=tracking.under(tracker), time_budget=time_budget)
                 except TrainingInterrupted:
                     log(f"the cross-fit continues with: zoo finetune --resume --out {run.root}")
                     raise
                 result.trained[fold] = trained
                 if trained.stopped == "interrupted":
                     result.stopped = "interrupted"
+                    tracker.close(stopped=True)
                     return result
                 if dist.is_main and holdout:
                     _predict_holdout(fold_run, cfg, log, progress)
@@ -114,6 +134,8 @@ def _finetune_folds(run: RunDir, cfg: FinetuneConfig, log, progress: bool | None
             return result
         if dist.is_main:
             result.scores = assemble(run, cfg, folds, bool(holdout), log)
+            tracker.log_metrics({f"{split}_{k}": v for split, s in result.scores.items() for k, v in s.items()})
+            tracker.log_artifacts([run.config, run.folds, run.result])
         dist.barrier()
         result.assembled = True
         return result

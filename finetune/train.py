@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,8 @@ from zoo.exclude import without_excluded
 from zoo.folds import fold_dataset
 from zoo.progress import progress
 from zoo.rundir import RunDir, check_out_folder, hold_folder, is_finetune_run
+from zoo.timelimit import TimeBudget
+from zoo.tracking import Tracker, Tracking
 
 
 @dataclass
@@ -52,7 +55,7 @@ class FinetuneResult:
     best_val_loss: float
     best_val_accuracy: float
     epochs_run: int
-    stopped: str  # finished | early-stopped | interrupted
+    stopped: str  # finished | early-stopped | time-limit (an epoch would not have ended in time) | interrupted
     rank: int = 0  # under torchrun: this process's rank (only rank 0 should print the result)
 
 
@@ -162,7 +165,8 @@ def _epoch_progress(epoch: int, epochs: int, batches: int, enabled: bool | None)
 
 
 def finetune(cfg: FinetuneConfig, *, log=stderr_log, progress: bool | None = None,
-             stop_after_epoch: int | None = None) -> FinetuneResult:
+             stop_after_epoch: int | None = None, tracking: Tracking | None = None,
+             time_budget: TimeBudget | None = None) -> FinetuneResult:
     """Fine-tune ``cfg.backbone`` on ``cfg.data`` and write the run directory ``cfg.out``.
 
     Under torchrun (``RANK``/``WORLD_SIZE`` in the environment) every process runs this:
@@ -175,6 +179,10 @@ def finetune(cfg: FinetuneConfig, *, log=stderr_log, progress: bool | None = Non
     ``UserInputError``; the files of the last good epoch are kept. ``stop_after_epoch``
     ends the session after that many epochs (resume state saved) and returns, as if it
     had been interrupted there.
+
+    ``tracking`` (default: ``--mlflow`` as ``cfg`` says, nested under nothing) reports every epoch to
+    TensorBoard and MLflow (``zoo.tracking``). ``time_budget``: an epoch that would not end within it
+    (estimated from the first epoch) is not started; the run ends with its best epoch (``time-limit``).
     """
     run = RunDir(check_out_folder(cfg.out, "a zoo finetune run", is_finetune_run))
     if not cfg.resume:
@@ -190,7 +198,8 @@ def finetune(cfg: FinetuneConfig, *, log=stderr_log, progress: bool | None = Non
                 log(note)
             for warning in cfg.warnings():
                 log(warning)
-            return _train(cfg, run, resume_state, dist, log=log, progress=progress, stop_after_epoch=stop_after_epoch)
+            return _train(cfg, run, resume_state, dist, log=log, progress=progress, stop_after_epoch=stop_after_epoch,
+                          tracking=tracking or Tracking(mlflow=cfg.mlflow), time_budget=time_budget)
         finally:
             dist.cleanup()
 
@@ -221,7 +230,7 @@ def _start_or_resume(cfg: FinetuneConfig, run: RunDir) -> tuple[FinetuneConfig, 
 
 
 def _train(cfg: FinetuneConfig, run: RunDir, resume_state: dict | None, dist: Dist, *, log, progress: bool | None,
-           stop_after_epoch: int | None) -> FinetuneResult:
+           stop_after_epoch: int | None, tracking: Tracking, time_budget: TimeBudget | None) -> FinetuneResult:
     world = dist.world_size
     check_distributed_options(cfg, dist)
     hardware = resolve_hardware(str(dist.device) if dist.enabled else cfg.device, cfg.amp, cfg.channels_last)
@@ -322,13 +331,20 @@ def _train(cfg: FinetuneConfig, run: RunDir, resume_state: dict | None, dist: Di
     log(budget.describe())
     log(_rate_table(model, groups, frozen, rates, lr))
 
-    # The epoch loop.
+    # The epoch loop, reported to TensorBoard / MLflow by rank 0.
+    tracker = tracking.open(run, run_name(run), cfg.to_dict(), resume_step=start_epoch if resume_state else None) \
+        if dist.is_main else Tracker()
     stop = StopFlag()
     previous_handlers = stop.install(log)
     status, epoch, wrapped_for = "finished", start_epoch, None
     eval_model = ema.module if ema is not None else model
     try:
         for epoch in range(start_epoch, cfg.epochs):
+            if time_budget is not None and epoch > start_epoch and dist.max([int(not time_budget.fits_epoch())])[0]:
+                log(f"time limit: epoch {epoch + 1} would not end in time ({time_budget.describe()}); keeping the best epoch")
+                status = "time-limit"
+                break
+            epoch_start = time_budget.clock() if time_budget is not None else 0.0
             now_frozen = frozen_group_count(cfg.freeze, cfg.unfreeze_at, epoch, len(groups))
             if now_frozen != frozen:
                 # The newly unfrozen group gets no warmup of its own: it trains at once at the scheduled rate for its
@@ -370,6 +386,7 @@ def _train(cfg: FinetuneConfig, run: RunDir, resume_state: dict | None, dist: Di
             if train["shard_overlap"]:
                 log(f"warning: {train['shard_overlap']} train image(s) were trained on by more than one process this epoch")
             history.append(row)
+            tracker.log_epoch(epoch + 1, row)
             improved = (val_loss < best["val_loss"]) if cfg.monitor == "loss" else \
                 (val_acc > best["val_accuracy"] or (val_acc == best["val_accuracy"] and val_loss < best["val_loss"]))
             if improved:
@@ -388,6 +405,8 @@ def _train(cfg: FinetuneConfig, run: RunDir, resume_state: dict | None, dist: Di
                 write_metrics(run.metrics_csv, history)
                 plot_metrics(run.metrics_png, history, f"{cfg.backbone} on {Path(cfg.data).name}")
             last_saved = f"after epoch {epoch + 1}"
+            if time_budget is not None:
+                time_budget.measured(time_budget.clock() - epoch_start)
             log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {train['loss']:.4f} acc {train['accuracy']:.3f} | val loss "
                 f"{val_loss:.4f} acc {val_acc:.3f}{' *' if improved else ''} | {stats.seconds:.1f}s, "
                 f"{row['images_per_second']:.1f} img/s")
@@ -411,6 +430,8 @@ def _train(cfg: FinetuneConfig, run: RunDir, resume_state: dict | None, dist: Di
         raise UserInputError(f"{run.root}: {e} in epoch {epoch + 1}, before anything was saved. Start again with {fix}") from None
     finally:
         StopFlag.uninstall(previous_handlers)
+        if sys.exc_info()[1] is not None:
+            tracker.close(sys.exc_info()[1])
 
     if best["epoch"] > 0 and status != "interrupted" and dist.is_main:
         report = json.loads(run.report.read_text())
@@ -418,8 +439,15 @@ def _train(cfg: FinetuneConfig, run: RunDir, resume_state: dict | None, dist: Di
         log(f"best epoch {best['epoch']}: val loss {best['val_loss']:.4f}, val accuracy {best['val_accuracy']:.4f} -> {run.root}")
         atomic.write_json(run.result, {"status": status, "best_epoch": best["epoch"], "val_loss": best["val_loss"],
                                        "val_accuracy": best["val_accuracy"], "epochs_run": len(history)})
+        tracker.log_artifacts([run.config, run.metrics_csv, run.metrics_png, run.report])
+    tracker.close(stopped=status == "interrupted")
     dist.barrier()  # the others wait until rank 0 has written the last files
     return _result(run, best, history, status, dist.rank)
+
+
+def run_name(run: RunDir) -> str:
+    """A run's name in MLflow: its folder, with the member's for a fold or snapshot (``lite0/fold-2``)."""
+    return f"{run.root.parent.name}/{run.root.name}" if run.root.name.startswith(("fold-", "snapshot-")) else run.root.name
 
 
 def _interrupted(run: RunDir, best: dict, history: list, dist: Dist, stop: StopFlag, log, where: str):

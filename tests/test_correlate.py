@@ -11,7 +11,7 @@ from ensemble.diversity import (PAIRWISE_MEASURES, DiversityInputs, correlate, g
 from ensemble.synthetic import synthetic_members, write_synthetic_runs
 from zoo.cli import main
 from zoo.errors import UserInputError
-from zoo.predictions import Predictions, write_predictions
+from zoo.predictions import write_predictions
 
 
 def _pair(n=2000, c=5, seed=0):

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from ensemble.metrics import log_loss
-from ensemble.synthetic import synthetic_labels, synthetic_members, write_synthetic_runs
+from ensemble.synthetic import synthetic_members, write_synthetic_runs
 from zoo.cli import main
 from zoo.rundir import RunDir
 

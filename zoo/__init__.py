@@ -10,8 +10,12 @@ Importing ``zoo`` does not import torch: the names below are handed out on first
 commands, which work on prediction files with numpy and scipy alone, start fast.
 
     import zoo
-    result = zoo.run_zoo("data/", "runs/zoo", zoo.parse_backbones("resnet18.a1_in1k,tf_efficientnet_lite0.in1k"), folds=5)
-    print(result.summary)
+    result = zoo.run("data/", "runs/zoo", backbones=["resnet18.a1_in1k", "tf_efficientnet_lite0.in1k"], folds=5)
+    result.leaderboard.to_pandas()                 # or pandas.DataFrame(result.leaderboard)
+    preds = zoo.predict(result, ["photos/*.jpg"])  # .ids, .classes, .probabilities(), .to_pandas(top_k=2)
+
+``zoo.run``, ``zoo.finetune`` and ``zoo.predict`` are the notebook-shaped API (docs/python.md); the
+library functions the commands call are public too.
 """
 
 import importlib
@@ -20,6 +24,8 @@ __version__ = "0.1.0"
 
 # name -> the module that defines it
 _PUBLIC = {
+    "run": "zoo.pipeline.api", "finetune": "zoo.pipeline.api", "predict": "zoo.pipeline.api",
+    "Predictions": "zoo.predictions", "Leaderboard": "zoo.pipeline.leaderboard", "Tracking": "zoo.tracking",
     "run_zoo": "zoo.pipeline.run", "RunResult": "zoo.pipeline.context", "MemberSpec": "zoo.pipeline.zoo_file",
     "parse_backbones": "zoo.pipeline.zoo_file", "read_zoo_file": "zoo.pipeline.zoo_file", "run_demo": "zoo.pipeline.demo",
     "ensemble_predict": "zoo.pipeline.member_inference", "ensemble_score": "zoo.pipeline.member_inference",

@@ -14,6 +14,7 @@ the rules a listing follows in one place.
 from __future__ import annotations
 
 import csv
+import glob
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -332,9 +333,42 @@ def read_dataset(data: str | os.PathLike, *, val_fraction: float = 0.2, val_from
     return dataset
 
 
-def read_prediction_images(data: str | os.PathLike, classes: Sequence[str], split: str = "test",
-                           allow_outside_root: bool = False) -> tuple[Path, list[Sample]]:
-    """Images to predict: a split of a dataset, or any folder of images.
+def image_files(patterns: Sequence[str | os.PathLike]) -> tuple[Path, list[Sample]]:
+    """Images named one by one: files, globs (``photos/*.jpg``; ``**`` reaches into subfolders) or folders (every
+    image under them), in the order given, each once; unlabelled, each one's id the path as given. Returns
+    their common folder and the samples."""
+    if not patterns:
+        raise UserInputError("no images given: name image files, globs or folders")
+    found: dict[Path, str] = {}
+    for pattern in patterns:
+        text = os.fspath(pattern)
+        if glob.has_magic(text):
+            matches = [Path(m) for m in sorted(glob.glob(text, recursive=True))]
+            paths = [m for m in matches if m.is_file() and m.suffix.lower() in IMAGE_EXTENSIONS]
+            if not paths:
+                raise UserInputError(f"{text}: no image file matches this pattern ({len(matches)} other match(es)); "
+                                     f"images end in {', '.join(sorted(IMAGE_EXTENSIONS))}")
+        elif Path(text).is_dir():
+            paths = list_images(Path(text))
+            if not paths:
+                raise UserInputError(f"{text}: no images found in this folder")
+        elif Path(text).is_file():
+            if Path(text).suffix.lower() not in IMAGE_EXTENSIONS:
+                raise UserInputError(f"{text}: not an image file (images end in {', '.join(sorted(IMAGE_EXTENSIONS))}); "
+                                     "a dataset folder or CSV goes to --data")
+            paths = [Path(text)]
+        else:
+            raise UserInputError(f"{text}: no such image file or folder")
+        for path in paths:
+            found.setdefault(path.resolve(), path.as_posix())
+    root = Path(os.path.commonpath([p.parent for p in found]))
+    return root, [Sample(path, sample_id, -1) for path, sample_id in found.items()]
+
+
+def read_prediction_images(data: str | os.PathLike | Sequence[str | os.PathLike], classes: Sequence[str],
+                           split: str = "test", allow_outside_root: bool = False) -> tuple[Path, list[Sample]]:
+    """Images to predict: a split of a dataset, any folder of images, or a list of image files and globs
+    (``image_files``; ``split`` does not apply to them).
 
     CSV paths must stay under the CSV's folder unless ``allow_outside_root``.
 
@@ -342,6 +376,8 @@ def read_prediction_images(data: str | os.PathLike, classes: Sequence[str], spli
     those rows of a CSV), or ``all`` (every image under ``data``). Labels come from the
     class folder (or CSV label) where it names one of ``classes``, else -1.
     """
+    if isinstance(data, (list, tuple)):
+        return image_files(data)
     path = Path(data)
     if _reader_for(path) == "csv":
         root = path.parent.resolve()

@@ -62,6 +62,26 @@ class Predictions:
         z = z - z.max(axis=1, keepdims=True)
         return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
+    def to_records(self, top_k: int = 0) -> list[dict]:
+        """One dict per image: ``id``, ``prediction``, one probability per class and, with ``top_k``, the k most
+        probable classes and their probabilities (``top1_class``, ``top1_prob``, ...): the columns of the CSV."""
+        probs = self.probabilities()
+        k = check_top_k(top_k, len(self.classes))
+        best = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        return [{"id": sid, "prediction": self.classes[int(np.argmax(row))],
+                 **dict(zip(self.classes, map(float, row))),
+                 **{f"top{j + 1}_{what}": (self.classes[c] if what == "class" else float(row[c]))
+                    for j, c in enumerate(order) for what in ("class", "prob")}}
+                for sid, row, order in zip(self.ids, probs, best)]
+
+    def to_pandas(self, top_k: int = 0):
+        """:meth:`to_records` as a pandas DataFrame indexed by id (pandas is imported here, and only here)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError("Predictions.to_pandas() needs pandas: pip install pandas (to_records() works without it)") from None
+        return pd.DataFrame(self.to_records(top_k)).set_index("id")
+
     def take(self, order: Sequence[int]) -> "Predictions":
         order = np.asarray(order, dtype=np.int64)
         return Predictions(
@@ -259,31 +279,39 @@ def mean_probability(preds: Sequence[Predictions], **metadata) -> Predictions:
                        classes=first.classes, tta=first.tta, **metadata)
 
 
-def write_output(path: str | os.PathLike, preds: Predictions) -> Path:
+def write_output(path: str | os.PathLike, preds: Predictions, top_k: int = 0) -> Path:
     """``.safetensors``: a prediction file (logits; with TTA or an ensemble, the log of the mean probability);
-    ``.csv``: ``id,prediction,<class>...`` with one probability column per class."""
+    ``.csv``: ``id,prediction,<class>...`` with one probability column per class (and ``top_k`` best classes)."""
     path = Path(path)
-    if check_output_path(path) == ".safetensors":
+    if check_output_path(path, top_k) == ".safetensors":
         return write_predictions(path, preds)
-    return atomic.write_text(path, predictions_csv(preds))
+    return atomic.write_text(path, predictions_csv(preds, top_k))
 
 
-def check_output_path(path: str | os.PathLike) -> str:
+def check_output_path(path: str | os.PathLike, top_k: int = 0) -> str:
     """The output's kind (its suffix), or one line refusing any other; checked before the work is done."""
     suffix = Path(path).suffix.lower()
     if suffix not in OUTPUT_SUFFIXES:
         raise UserInputError(f"{path}: output must end in {' or '.join(OUTPUT_SUFFIXES)} (a prediction file or a CSV of "
                              f"id,prediction,<class probabilities>), got {suffix or 'no suffix'!r}")
+    if top_k and suffix != ".csv":
+        raise UserInputError(f"--top-k {top_k} adds columns to a CSV; {path} is a prediction file (it keeps every class's "
+                             "logit): write a .csv")
     check_out_file(path)
     return suffix
 
 
-def predictions_csv(preds: Predictions) -> str:
-    probs = preds.probabilities()
-    predicted = np.argmax(probs, axis=1)
+def check_top_k(top_k: int, classes: int) -> int:
+    if not 0 <= top_k <= classes:
+        raise UserInputError(f"--top-k must be between 1 and the number of classes ({classes}), got {top_k}")
+    return top_k
+
+
+def predictions_csv(preds: Predictions, top_k: int = 0) -> str:
+    records = preds.to_records(top_k)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["id", "prediction", *preds.classes])
-    for sid, k, row in zip(preds.ids, predicted, probs):
-        writer.writerow([sid, preds.classes[k], *(f"{v:.6g}" for v in row)])
+    writer.writerow(list(records[0]) if records else ["id", "prediction", *preds.classes])
+    for record in records:
+        writer.writerow([f"{v:.6g}" if isinstance(v, float) else v for v in record.values()])
     return buffer.getvalue()

@@ -11,24 +11,39 @@ data stay quiet. ``progress=False`` (the library functions' argument) or ``ZOO_P
 in the environment turns it off; under torchrun only rank 0 shows it.
 
 Log lines written with :func:`write` while a bar is open go above the bar instead of
-through it. No torch here: the ensemble commands use it too.
+through it. The Python API (``zoo.run`` ...) shows ``tqdm.auto`` bars instead, a widget in
+Jupyter, wherever its output goes (:func:`bars`). No torch here: the ensemble commands use it too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
-from typing import Callable, TextIO
+from typing import Callable, Iterator, TextIO
 
 ENV = "ZOO_PROGRESS"
 DELAY_SECONDS = 1.0  # nothing is shown for a step that ends sooner
 _open_bars = 0  # tqdm bars open on a terminal now: log lines must go through tqdm.write
+_style = "terminal"  # terminal: a bar on a terminal, else lines | auto: tqdm.auto bars | off (see ``bars``)
+
+
+@contextlib.contextmanager
+def bars(enabled: bool = True) -> Iterator[None]:
+    """Inside: progress as ``tqdm.auto`` bars (a notebook widget in Jupyter, a text bar elsewhere), or none at
+    all with ``enabled=False``. What the Python API's ``progress`` argument sets."""
+    global _style
+    previous, _style = _style, ("auto" if enabled else "off")
+    try:
+        yield
+    finally:
+        _style = previous
 
 
 def progress_enabled(enabled: bool | None = None) -> bool:
     """Whether progress is shown: not when ``enabled`` is False, ``ZOO_PROGRESS=0`` or on a torchrun rank other than 0."""
-    if enabled is False or os.environ.get(ENV, "").strip().lower() in ("0", "false", "no", "off"):
+    if enabled is False or _style == "off" or os.environ.get(ENV, "").strip().lower() in ("0", "false", "no", "off"):
         return False
     return os.environ.get("RANK", "0") == "0"
 
@@ -47,9 +62,12 @@ class Progress:
         self._start = time.monotonic()
         self._tenths = 0  # tenths of the step already reported as a line
         self._bar = None
-        if self.enabled and log is None and _isatty(self._stream):
+        if self.enabled and log is None and (_style == "auto" or _isatty(self._stream)):
             global _open_bars
-            from tqdm import tqdm
+            if _style == "auto":
+                from tqdm.auto import tqdm
+            else:
+                from tqdm import tqdm
 
             self._bar = tqdm(total=self.total, desc=desc, unit=unit, leave=False, file=self._stream, dynamic_ncols=True,
                              delay=self._delay)
@@ -117,4 +135,4 @@ def _isatty(stream) -> bool:
         return False
 
 
-__all__ = ["progress", "Progress", "progress_enabled", "write", "ENV", "DELAY_SECONDS"]
+__all__ = ["progress", "Progress", "progress_enabled", "write", "bars", "ENV", "DELAY_SECONDS"]

@@ -22,6 +22,17 @@ class Folder:
     def __init__(self, root: str | os.PathLike):
         object.__setattr__(self, "root", Path(root))
 
+    # Tracking (zoo.tracking): any run's or zoo run's folder.
+    @property
+    def tensorboard(self) -> Path:
+        """TensorBoard event files, when the tensorboard package is installed."""
+        return self.root / "tb"
+
+    @property
+    def tracking(self) -> Path:
+        """The MLflow run this folder logs to, so that a resumed run continues it."""
+        return self.root / "tracking.json"
+
 
 class RunDir(Folder):
 

@@ -53,47 +53,64 @@ def finetune_command(**options):
 
 
 @click.command("predict")
-@click.argument("run", type=click.Path(exists=True))
-@click.option("--data", required=True, type=click.Path(exists=True), help="dataset folder, CSV, or any folder of images")
+@click.argument("source", type=click.Path(exists=True))
+@click.argument("images", nargs=-1)
+@click.option("--data", default=None, type=click.Path(exists=True), help="dataset folder, CSV, or any folder of images "
+              "(instead of IMAGES)")
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test", "all", "run-val"]),
               help="which split of --data; 'all' predicts every image under it; 'run-val' the run's own validation images "
                    "(also when split from train/; a cross-fit: out-of-fold), to fit an ensemble on predictions with the same --tta")
-@click.option("--out", required=True, type=click.Path(), help="prediction file (.safetensors) or CSV (.csv) to write")
+@click.option("--out", default=None, type=click.Path(), help="prediction file (.safetensors) or CSV (.csv) to write "
+              "(default: the CSV on stdout)")
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0),
+              help="add the K most probable classes and their probabilities to the CSV (top1_class, top1_prob, ...)")
 @click.option("--tta", default=1, show_default=True, help="test-time augmentation views (1: none; 2: + flip; up to 6 with zooms)")
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--device", default=None, help="cuda, cpu ... (default: cuda when present)")
 @click.option("--allow-outside-root", is_flag=True, help="allow CSV paths outside the CSV's folder")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help=THREADS_HELP)
-def predict_command(run, data, split, out, tta, batch_size, device, allow_outside_root, threads):
-    """Predict images with a run's best model (a cross-fit: the mean of its fold models), or with an
-    ONNX file of `zoo export` on onnxruntime (no torch), and write a prediction file (.safetensors)
-    or a CSV of id,prediction,<class probabilities> (.csv).
+def predict_command(source, images, data, split, out, top_k, tta, batch_size, device, allow_outside_root, threads):
+    """Predict images with a run's best model (a cross-fit: the mean of its fold models), an ensemble
+    file, a zoo run folder (its ensemble), or an ONNX file of `zoo export` (on onnxruntime, without
+    torch), and write a prediction file (.safetensors) or a CSV of id,prediction,<class
+    probabilities> (.csv, or stdout without --out).
 
     \b
-    zoo predict runs/convnext --data data/ --out preds.csv
+    zoo predict runs/lite0 photo.jpg more/*.jpg --top-k 2
+    zoo predict ens.json "photos/**/*.jpg" --out preds.csv
+    zoo predict runs/lite0 --data data/ --split test --out test.safetensors
     zoo predict ensemble.onnx --data new_images/ --split all --out preds.csv
     """
-    from zoo.predictions import check_output_path, log_loss_and_accuracy, write_output
+    from zoo.predictions import check_output_path, log_loss_and_accuracy, predictions_csv, write_output
     from zoo.progress import write as stderr_log
 
-    check_output_path(out)
-    if Path(run).is_file():  # an exported graph: onnxruntime, numpy and PIL only; torch is never imported
+    if images and data:
+        raise click.UsageError("pass IMAGES or --data, not both")
+    if not images and not data:
+        raise click.UsageError("pass image files, globs or folders after SOURCE, or --data DIR")
+    if out:
+        check_output_path(out, top_k)
+    if Path(source).suffix.lower() == ".onnx":  # an exported graph: onnxruntime, numpy and PIL only; torch is never imported
         from zoo.onnx_predict import predict_onnx
 
-        if tta != 1 or split == "run-val" or device not in (None, "cpu"):
-            raise click.UsageError(f"{run}: an ONNX file predicts on the CPU, without --tta, on --split train|val|test|all")
-        preds = predict_onnx(run, data, split=split, batch_size=batch_size, threads=threads,
+        if images or tta != 1 or split == "run-val" or device not in (None, "cpu"):
+            raise click.UsageError(f"{source}: an ONNX file predicts --data DIR on the CPU, without --tta, on "
+                                   "--split train|val|test|all")
+        preds = predict_onnx(source, data, split=split, batch_size=batch_size, threads=threads,
                              allow_outside_root=allow_outside_root, log=stderr_log)
     else:
-        from finetune.inference import predict_run
+        from zoo.pipeline.api import predict
 
-        preds = predict_run(run, data, split=split, tta=tta, batch_size=batch_size, device=device, log=stderr_log,
-                            allow_outside_root=allow_outside_root, threads=threads)
-    write_output(out, preds)
+        preds = predict(source, list(images) or None, data=data, split=split, tta=tta, batch_size=batch_size,
+                        device=device, threads=threads, allow_outside_root=allow_outside_root, log=stderr_log, progress=None)
+    if out:
+        write_output(out, preds, top_k)
+    else:
+        click.echo(predictions_csv(preds, top_k), nl=False)
     loss, acc = log_loss_and_accuracy(preds.logits, preds.labels)
     known = int((preds.labels >= 0).sum())
     scores = f"\tlog_loss={loss:.4f}\taccuracy={acc:.4f} ({known} labelled)" if known else ""
-    click.echo(f"{out}\t{len(preds.ids)} images{scores}")
+    click.echo(f"{out or 'stdout'}\t{len(preds.ids)} images{scores}", err=not out)
 
 
 @click.command("lr-find")

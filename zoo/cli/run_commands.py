@@ -26,15 +26,19 @@ _NOT_SHARED = ("resume", "fold", "val_from_train", "linear_probe", "probe_views"
               help="timed forward passes per batch size (median)")
 @click.option("--latency-backend", default="torch", show_default=True, type=click.Choice(list(LATENCY_BACKENDS)),
               help="what the latency columns time: " + "; ".join(f"{k}: {v}" for k, v in LATENCY_BACKENDS.items()))
+@click.option("--time-limit", default=None, metavar="DURATION", help="training budget, e.g. 2h, 90m, 1h30m: epochs and "
+              "members that would not end in it are not started (estimated from each member's first epoch); the ensemble is "
+              "fitted on the members that finished and the report names the others")
 @config_options
 @click.pass_context
-def run_command(ctx, data, out, backbones, zoo_file, max_latency, cv, latency_repeats, latency_backend, **options):
+def run_command(ctx, data, out, backbones, zoo_file, max_latency, cv, latency_repeats, latency_backend, time_limit, **options):
     """Fine-tune a zoo of backbones, correlate them, fit and score the ensemble, and report.
 
     \b
     zoo run data/ --out runs/zoo --zoo zoo.toml --folds 5
     zoo run data/ --out runs/zoo --backbones resnet18.a1_in1k,tf_efficientnet_lite0.in1k --epochs 6
     zoo run data/ --out runs/zoo --max-latency 20
+    zoo run data/ --out runs/zoo --zoo zoo.toml --folds 5 --time-limit 2h --mlflow
 
     Each member is fine-tuned into OUT/members/NAME (with --folds K, cross-fitted); finished
     members are skipped and an interrupted one continues from its resume state, so re-running
@@ -66,8 +70,8 @@ def run_command(ctx, data, out, backbones, zoo_file, max_latency, cv, latency_re
     elif given.get("weights"):
         raise click.UsageError("--weights needs --backbones NAME (the backbone those weights are for)")
     result = run_zoo(data, out, members, shared=shared, given=given, folds=folds, fold_seed=fold_seed, cv=cv,
-                     max_latency=max_latency, latency_repeats=latency_repeats,
-                     latency_backend=latency_backend, log=lambda m: click.echo(m, err=True))
+                     max_latency=max_latency, latency_repeats=latency_repeats, latency_backend=latency_backend,
+                     log=lambda m: click.echo(m, err=True), time_limit=time_limit)
     if result.status != "finished":
         raise click.ClickException(f"stopped before the end; run the same command again to continue ({out})")
     click.echo(result.summary)

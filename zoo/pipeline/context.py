@@ -3,24 +3,31 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from zoo.pipeline.layout import ZooRunDir
-from zoo.pipeline.leaderboard import LeaderRow, Subset
+from zoo.pipeline.leaderboard import Leaderboard, Subset
 from zoo.pipeline.zoo_file import MemberSpec
 from zoo.rundir import RunDir
 
 
 @dataclass
 class RunResult:
+    """What ``zoo run`` (``zoo.run``) made: ``leaderboard`` (dict rows; ``.to_pandas()``), ``ensemble`` (the fitted
+    ``ensemble.model.Ensemble``, which ``zoo.predict`` takes), ``report`` (the HTML file), ``summary`` (what the
+    command prints) and which members this call trained, skipped or left out for time."""
+
     out: Path
     status: str  # finished | interrupted
     trained: list[str] = field(default_factory=list)  # members trained (or continued) by this call
     resumed: list[str] = field(default_factory=list)  # of those, continued from resume state
     skipped: list[str] = field(default_factory=list)  # finished earlier
-    leaderboard: list[LeaderRow] = field(default_factory=list)
+    timed_out: dict[str, str] = field(default_factory=dict)  # member -> why it is left out for the time limit
+    leaderboard: Leaderboard = field(default_factory=Leaderboard)
+    ensemble: Any = None  # ensemble.model.Ensemble
     subsets: list[Subset] = field(default_factory=list)
     front: list[Subset] = field(default_factory=list)
     pick: Subset | None = None
@@ -51,6 +58,10 @@ class ZooRun:
     listing: Any  # zoo.data.Dataset as listed
     result: RunResult
     start: float
+    tracking: Any  # zoo.tracking.Tracking of the members (nested under the run's own MLflow run)
+    tracker: Any  # zoo.tracking.Tracker of the run: its parameters, the ensemble's scores, its files
+    time_budget: Any = None  # zoo.timelimit.TimeBudget of the training stage, or None
+    clock: Callable[[], float] = time.monotonic  # what time budgets are measured on (tests move it)
     # Filled by the stages, in order.
     select: list = field(default_factory=list)  # Predictions of the selection rows, aligned (stage 2)
     correlation: Any = None  # ensemble.diversity.CorrelationReport (stage 2)

@@ -35,15 +35,18 @@ DEMO_OPTIONS = dict(pretrained=False, freeze=0, layer_decay=1.0, lr=2e-3, epochs
                     auto_augment="none", hflip=0.0, crop_scale=0.7, warmup_epochs=0.5, patience=0, workers=0)
 
 
-def build_digits_dataset(root: Path, size: int = 32, seed: int = 0) -> dict[str, int]:
-    """Write the digits as ``root/{train,val,test}/<digit>/<index>.png`` (56/19/25%, stratified)."""
+def build_digits_dataset(root: Path, size: int = 32, seed: int = 0, limit: int | None = None) -> dict[str, int]:
+    """Write the digits as ``root/{train,val,test}/<digit>/<index>.png`` (56/19/25%, stratified); ``limit``: a
+    stratified sample of that many of the 1,797 images (quick examples)."""
     from PIL import Image
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     index = np.arange(len(digits.target))
-    train, test = train_test_split(index, test_size=0.25, stratify=digits.target, random_state=seed)
+    if limit is not None and limit < len(index):
+        index, _ = train_test_split(index, train_size=limit, stratify=digits.target, random_state=seed)
+    train, test = train_test_split(index, test_size=0.25, stratify=digits.target[index], random_state=seed)
     train, val = train_test_split(train, test_size=0.25, stratify=digits.target[train], random_state=seed)
     counts = {}
     for split, rows in (("train", train), ("val", val), ("test", test)):

@@ -256,17 +256,36 @@ def format_front(front: Sequence[Subset], select_split: str, pick: Subset | None
                          f"{select_split} log loss", "holdout acc", "holdout log loss"], body)
 
 
+class Leaderboard(list):
+    """The rows of ``leaderboard.csv`` as dicts of numbers (None where a score is missing), best known first:
+    ``pandas.DataFrame(result.leaderboard)`` or ``result.leaderboard.to_pandas()`` makes a table of them."""
+
+    def to_pandas(self):
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError("Leaderboard.to_pandas() needs pandas: pip install pandas (the rows are plain dicts "
+                              "without it)") from None
+        return pd.DataFrame(list(self))
+
+
+def leaderboard_records(rows: Sequence[LeaderRow], select_split: str) -> Leaderboard:
+    """One dict per row, keyed by ``leaderboard.csv``'s columns (the one place they are named)."""
+    s = select_split
+    return Leaderboard(
+        {"name": r.name, "kind": r.kind, "backbone": r.backbone, "params": r.params, "ms_per_image_batch1": r.ms_batch1,
+         "ms_per_image_batch64": r.ms_batch64, **{f"{s}_{k}": r.select.get(k) for k in ("accuracy", "log_loss", "ece")},
+         **{f"holdout_{k}": (r.holdout or {}).get(k) for k in ("accuracy", "log_loss", "ece")}, "weight": r.weight}
+        for r in rows)
+
+
 def write_leaderboard(path: Path, rows: Sequence[LeaderRow], select_split: str) -> Path:
+    records = leaderboard_records(rows, select_split)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    s = select_split
-    writer.writerow(["name", "kind", "backbone", "params", "ms_per_image_batch1", "ms_per_image_batch64",
-                     f"{s}_accuracy", f"{s}_log_loss", f"{s}_ece", "holdout_accuracy", "holdout_log_loss", "holdout_ece", "weight"])
-    for r in rows:
-        h = r.holdout or {}
-        writer.writerow([r.name, r.kind, r.backbone, r.params, f"{r.ms_batch1:.4g}", f"{r.ms_batch64:.4g}",
-                         *(_fmt(r.select.get(k), 6) for k in ("accuracy", "log_loss", "ece")),
-                         *(_fmt(h.get(k), 6) for k in ("accuracy", "log_loss", "ece")), _fmt(r.weight, 6)])
+    writer.writerow(list(records[0]))
+    for record in records:
+        writer.writerow([f"{v:.4g}" if k.startswith("ms_") else _fmt(v, 6) for k, v in record.items()])
     return atomic.write_text(path, buffer.getvalue())
 
 

@@ -14,7 +14,7 @@ import base64
 import csv
 import html
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ class ReportInputs:
     skipped: list[str]
     correlation_text: str = ""
     label_issues: Any = None  # zoo.pipeline.label_issues.LabelIssues (cross-fitted members), or None
+    timed_out: dict[str, str] = field(default_factory=dict)  # member -> why the time limit left it out or cut it short
 
 
 def _png(fig) -> str:
@@ -281,6 +282,8 @@ def write_report(path: Path, inputs: ReportInputs) -> Path:
         f"({e(', '.join(inputs.trained) or 'none')}) and skipped {len(inputs.skipped)} finished earlier; "
         f"{inputs.seconds:.0f} s. Selection rows: {e(inputs.select_split)} (what weights and subsets are chosen on); "
         f"holdout: {e(inputs.holdout_split + '/') if inputs.holdout is not None else 'none'} (never trained or chosen on).</p>",
+        *(["<p class=note><b>Time limit</b>: " + "; ".join(f"{e(name)}: {e(why)}" for name, why in inputs.timed_out.items())
+           + ".</p>"] if inputs.timed_out else []),
         "<h2>Leaderboard</h2>", leaderboard_html(inputs.leaderboard, inputs.select_split),
         f"<p class=note>Latency: this device, milliseconds per image of one model's forward pass on random input; "
         f"ensembles sum their members. The fitted ensemble's {e(inputs.select_split)} scores are cross-validated.</p>",

@@ -42,9 +42,12 @@ from zoo.errors import HubUnreachable, UserInputError
 from zoo.pipeline.context import RunResult, ZooRun
 from zoo.pipeline.layout import ZooRunDir, is_zoo_run
 from zoo.pipeline.leaderboard import (MAX_EXHAUSTIVE, LeaderRow, cached_latencies, format_front, format_leaderboard,
-                                      pareto_front, pick_under_budget, subset_table, write_leaderboard, write_subsets)
+                                      leaderboard_records, pareto_front, pick_under_budget, subset_table, write_leaderboard,
+                                      write_subsets)
 from zoo.pipeline.zoo_file import NO_HUB_HELP, MemberSpec, check_options, default_zoo, device_kind, unique_names
 from zoo.rundir import RunDir, check_out_folder, hold_folder
+from zoo.timelimit import TimeBudget, format_duration, member_budget, parse_duration
+from zoo.tracking import Tracking
 
 # finetune's log lines worth showing under zoo run (the per-epoch line, the member's result).
 _SHOWN = ("epoch", "cpu budget", "fold ", "cross-fitting", "out-of-fold", "holdout", "best epoch", "early stop", "warning",
@@ -54,8 +57,9 @@ _SHOWN = ("epoch", "cpu budget", "fold ", "cross-fitting", "out-of-fold", "holdo
 def run_zoo(data: str | os.PathLike, out: str | os.PathLike, members: Sequence[MemberSpec] | None = None, *,
             shared: dict[str, Any] | None = None, given: dict[str, Any] | None = None, folds: int | None = None,
             fold_seed: int | None = None, cv: int = 5, max_latency: float | None = None, latency_repeats: int = 5,
-            latency_backend: str = "torch",
-            title: str = "zoo run", log: Callable[[str], None] = print, stop_after_epoch: int | None = None) -> RunResult:
+            latency_backend: str = "torch", title: str = "zoo run", log: Callable[[str], None] = print,
+            stop_after_epoch: int | None = None, time_limit: float | str | None = None,
+            clock: Callable[[], float] = time.monotonic) -> RunResult:
     """Run every stage of a zoo into ``out``; see the module docstring.
 
     ``members``: the zoo (None: the default zoo for this device, printed); ``shared``: finetune options
@@ -65,6 +69,10 @@ def run_zoo(data: str | os.PathLike, out: str | os.PathLike, members: Sequence[M
     within this many ms per image (batch 64); ``latency_backend``: what times the members, PyTorch eager or their
     exported graphs on onnxruntime (``zoo.pipeline.leaderboard.LATENCY_BACKENDS``); ``stop_after_epoch``: stop the member being trained after
     that many epochs, as a kill would (tests). Returns a ``RunResult`` (``status`` ``interrupted`` then).
+    ``time_limit`` (seconds, or ``"2h"``): the training budget, measured on ``clock`` (``zoo.timelimit``);
+    members that do not finish in it are left out of the ensemble and named in the report.
+    ``--mlflow`` (in ``given``/``shared``) or ``MLFLOW_TRACKING_URI``: the run is an MLflow run and each
+    member one nested under it; TensorBoard event files go to ``out/tb`` and each member's ``tb/``.
     """
     from zoo.data import read_listing
 
@@ -82,13 +90,26 @@ def run_zoo(data: str | os.PathLike, out: str | os.PathLike, members: Sequence[M
     if len(members) < 2:
         raise UserInputError(f"a zoo needs at least 2 members to correlate and ensemble, got {len(members)}; "
                              "use `zoo finetune` for one backbone")
+    budget = TimeBudget(parse_duration(time_limit), clock) if time_limit is not None else None
+    tracking = Tracking(mlflow=given.get("mlflow", shared.get("mlflow")))
     run = ZooRun(data, layout, members, shared, given, folds, fold_seed, cv, max_latency, latency_repeats, latency_backend,
-                 device, threads, title, log, listing, RunResult(layout.root, "finished"), start)
+                 device, threads, title, log, listing, RunResult(layout.root, "finished"), start, tracking, None, budget,
+                 clock)
     check_members(run)
     with hold_folder(layout.root):  # a second `zoo run` on this --out refuses while this one works
+        run.tracker = tracking.open(layout, layout.root.name, {
+            "members": ", ".join(f"{m.name}={m.backbone}" for m in members), "folds": folds, "cv": cv,
+            "time_limit": time_limit, **{f"defaults.{k}": v for k, v in shared.items()}, **given})
+        run.tracking = tracking.under(run.tracker)
+        return _run_stages(run, stop_after_epoch)
+
+
+def _run_stages(run: ZooRun, stop_after_epoch: int | None) -> RunResult:
+    with run.tracker:
         if not train_members(run, stop_after_epoch):
             run.result.status = "interrupted"
-            run.result.seconds = time.perf_counter() - start
+            run.result.seconds = time.perf_counter() - run.start
+            run.tracker.close(stopped=True)
             return run.result
         for stage in (correlate_members, fit_weights, find_label_issues, predict_untouched, score_and_time, write_tables):
             stage(run)
@@ -172,22 +193,45 @@ def _check_trained_on(run: ZooRun, spec: MemberSpec, member: RunDir) -> None:
 
 
 def train_members(run: ZooRun, stop_after_epoch: int | None = None) -> bool:
-    """Stage 1: train every unfinished member; False when one stopped before its end (run again to continue)."""
+    """Stage 1: train every unfinished member; False when one stopped before its end (run again to continue).
+
+    With a time limit (the run's, a member's own ``time_limit``) a member that does not finish in it is left
+    out (``result.timed_out``) and the later stages go on with the members that did."""
     from finetune.train import TrainingInterrupted
 
+    budget, result = run.time_budget, run.result
     folds = {spec.name: _folds_of(run, spec) for spec in run.members}
     described = ("" if not run.folds else f", {run.folds} folds each" if set(folds.values()) == {run.folds} else
                  ", cross-fitted: " + ", ".join(f"{name} ({k} folds)" for name, k in folds.items()))
-    run.log(f"[1/6] fine-tuning {len(run.members)} members{described} -> {run.layout.members}")
+    run.log(f"[1/6] fine-tuning {len(run.members)} members{described}"
+            + (f" within {format_duration(budget.remaining())}" if budget else "") + f" -> {run.layout.members}")
     for spec in run.members:
+        member_time = member_budget(budget, spec.time_limit, run.clock)
+        if member_time is not None and not run.layout.member(spec.name).result.is_file() and member_time.remaining() <= 0:
+            result.timed_out[spec.name] = "not started: no training time left"
+            run.log(f"  {spec.name}: not started, no training time left")
+            continue
         try:
-            finished = _train_member(run, spec, member_config(run, spec), stop_after_epoch)
+            stopped = _train_member(run, spec, member_config(run, spec), stop_after_epoch, member_time)
         except TrainingInterrupted:  # Ctrl-C / SIGTERM, resume state saved
             run.log(f"zoo run stopped while training {spec.name}; its resume state is saved. Run the same command again to continue")
             raise
-        if not finished:
+        if stopped == "time-limit" and not run.layout.member(spec.name).result.is_file():
+            result.timed_out[spec.name] = "cross-fit left unfinished: its remaining folds would not end in time"
+            continue
+        if stopped == "time-limit":
+            result.timed_out.setdefault(spec.name, "kept, with fewer epochs: later epochs would not have ended in time")
+        elif stopped not in ("finished", "early-stopped", "skipped"):
             run.log(f"  {spec.name}: stopped before its end; run the same command again to continue it")
             return False
+    left_out = [m.name for m in run.members if m.name in result.timed_out and not run.layout.member(m.name).result.is_file()]
+    run.members = [m for m in run.members if m.name not in left_out]
+    if left_out:
+        run.log(f"  time limit: left out {', '.join(left_out)}; the ensemble is fitted on {', '.join(run.names) or 'nothing'}")
+    if len(run.members) < 2:
+        raise UserInputError(f"only {len(run.members)} member(s) finished within the time limit ({', '.join(run.names) or 'none'}; "
+                             f"left out: {', '.join(left_out)}); an ensemble needs 2. Run the same command again with a longer "
+                             "--time-limit: finished members and folds are kept")
     return True
 
 
@@ -206,8 +250,9 @@ def _changed_options(member: RunDir, cfg) -> list[str]:
             if k in saved and k not in NOT_RESULT_OPTIONS | {"val_from_train"} and saved[k] != v]
 
 
-def _train_member(run: ZooRun, spec: MemberSpec, cfg, stop_after_epoch: int | None) -> bool:
-    """Train one member unless it is finished; True when it is finished afterwards."""
+def _train_member(run: ZooRun, spec: MemberSpec, cfg, stop_after_epoch: int | None, time_budget: TimeBudget | None) -> str:
+    """Train one member unless it is finished; how it stopped (``finetune.member.MemberResult.stopped``; ``skipped``
+    when it had finished earlier)."""
     from finetune.member import train_member
 
     log, result, member = run.log, run.result, run.layout.member(spec.name)
@@ -217,7 +262,7 @@ def _train_member(run: ZooRun, spec: MemberSpec, cfg, stop_after_epoch: int | No
             f" (note: it was trained with other {', '.join('--' + c.replace('_', '-') for c in changed)}; "
             f"delete {member.root} to train it again)" if changed else ""))
         result.skipped.append(spec.name)
-        return True
+        return "skipped"
     if member.is_run() and bool(member.is_cross_fit()) != bool(cfg.folds):
         raise UserInputError(f"{member.root}: holds a {'cross-fit' if member.is_cross_fit() else 'single-split run'} but this "
                              f"run asks for {'--folds ' + str(cfg.folds) if cfg.folds else 'no --folds'}; keep the option it "
@@ -241,14 +286,15 @@ def _train_member(run: ZooRun, spec: MemberSpec, cfg, stop_after_epoch: int | No
         cfg = replace(cfg, resume=not cfg.folds and member.resume_state.is_file())
     result.trained.append(spec.name)
     try:
-        done = train_member(cfg, log=member_log, stop_after_epoch=stop_after_epoch)
+        done = train_member(cfg, log=member_log, stop_after_epoch=stop_after_epoch, tracking=run.tracking,
+                            time_budget=time_budget)
     except HubUnreachable as e:
         if not spec.weights:
             raise UserInputError(f"{e}\n{NO_HUB_HELP}") from None
         raise
     if done.kind == "probe":
         member_log(done.summary + " -> " + str(member.root))
-    return done.finished
+    return done.stopped if done.finished or done.stopped == "time-limit" else "interrupted"
 
 
 # ---------------------------------------------------------------------------------------
@@ -408,7 +454,8 @@ def write_tables(run: ZooRun) -> None:
                                               [-s.log_loss for s in subsets])]
     pick = pick_under_budget(subsets, run.max_latency) if run.max_latency is not None else None
     write_subsets(run.layout.pareto, subsets, front)
-    result.leaderboard, result.subsets, result.front, result.pick = rows, subsets, front, pick
+    result.leaderboard, result.subsets, result.front, result.pick = leaderboard_records(rows, select_split), subsets, front, pick
+    result.ensemble = run.ensemble
 
     correlation_text = format_correlation(run.correlation, "prob_corr")
     lines = _summary_lines(run, rows, subsets, front, pick, correlation_text)
@@ -420,10 +467,21 @@ def write_tables(run: ZooRun) -> None:
         title=run.title, leaderboard=rows, select_split=select_split, subsets=subsets, front=front, pick=pick,
         max_latency=run.max_latency, heatmap=run.layout.heatmap, ensemble=run.ensemble, names=run.names, runs=run.runs,
         select=run.select, holdout=holdout, holdout_split=run.holdout_split, listing=run.listing, seconds=result.seconds,
-        trained=result.trained, skipped=result.skipped, correlation_text=correlation_text, label_issues=run.label_issues))
+        trained=result.trained, skipped=result.skipped, correlation_text=correlation_text, label_issues=run.label_issues,
+        timed_out=result.timed_out))
     lines += ["", f"trained {len(result.trained)} member(s) ({', '.join(result.trained) or 'none'}), "
                   f"skipped {len(result.skipped)} finished earlier; {result.seconds:.0f} s; report: {result.report}"]
+    lines += [f"time limit: {name}: {why}" for name, why in result.timed_out.items()]
     result.summary = "\n".join(lines)
+    track_scores(run, result.leaderboard)
+
+
+def track_scores(run: ZooRun, records: list[dict]) -> None:
+    """The run's scores to TensorBoard and MLflow (``zoo.tracking``): each leaderboard row's (``scores/<row>/<metric>``,
+    one TensorBoard section), and its files."""
+    run.tracker.log_metrics({f"scores/{r['name'].replace(' ', '_')}/{key}": value for r in records for key, value in r.items()
+                             if key.endswith(("accuracy", "log_loss", "ece")) or key == "weight"})
+    run.tracker.log_artifacts([run.layout.report, run.layout.leaderboard, run.layout.ensemble, run.layout.pareto])
 
 
 def _summary_lines(run: ZooRun, rows, subsets, front, pick, correlation_text: str) -> list[str]:

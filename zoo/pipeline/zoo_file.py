@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from zoo.errors import UserInputError
+from zoo.timelimit import parse_duration
 
 # Options that the run sets for every member alike, never per member.
 # (linear_probe and probe_views are per member: a zoo may mix probes and fine-tunes of one backbone.)
@@ -31,6 +32,7 @@ class MemberSpec:
     backbone: str
     weights: str | None = None
     options: dict[str, Any] = field(default_factory=dict)  # FinetuneConfig fields for this member
+    time_limit: float | None = None  # seconds of training this member may take (zoo.timelimit), within the run's
     where: str = ""  # where it was defined, for messages: "zoo.toml member 2 (lite0)", "--backbones"
     source: str = ""  # the zoo file it came from (its [defaults] are "SOURCE [defaults]" in messages)
 
@@ -122,6 +124,7 @@ def read_zoo_file(path: str | os.PathLike) -> tuple[list[MemberSpec], dict[str, 
         weights = "lite0.pth" # optional: relative to this file, absolute, or pkg:MODULE/path (globs allowed)
         name = "lite0"        # optional: default is the backbone without its tag
         lr = 2e-3             # any `zoo finetune` option, for this member
+        time_limit = "30m"    # optional: this member's training budget (also in [defaults])
 
     ``exclude`` (ids to leave out, e.g. reviewed ``zoo label-issues`` output) goes in [defaults],
     relative to this file: every member must leave out the same images.
@@ -140,7 +143,9 @@ def read_zoo_file(path: str | os.PathLike) -> tuple[list[MemberSpec], dict[str, 
         raise UserInputError(f"{path}: unknown table(s) {unknown}; a zoo file has [defaults] and [[member]] tables")
     if not isinstance(doc.get("defaults", {}), dict):
         raise UserInputError(f"{path}: defaults must be a [defaults] table of finetune options, got {doc['defaults']!r}")
-    defaults = check_options(dict(doc.get("defaults", {})), f"{path} [defaults]")
+    defaults = dict(doc.get("defaults", {}))
+    default_limit = defaults.pop("time_limit", None)
+    defaults = check_options(defaults, f"{path} [defaults]")
     if defaults.get("exclude"):  # relative to the zoo file, like weights
         defaults["exclude"] = str(path.parent / Path(defaults["exclude"]).expanduser())
     members = doc.get("member", [])
@@ -166,7 +171,9 @@ def read_zoo_file(path: str | os.PathLike) -> tuple[list[MemberSpec], dict[str, 
                                  "images); put it in [defaults]")
         weights = table.pop("weights", None)
         weights = resolve_weights(str(weights), path.parent, where) if weights else None
-        specs.append(MemberSpec(name, backbone, weights, check_options(table, where), where=f"{where} ({name})",
+        limit = table.pop("time_limit", default_limit)
+        limit = parse_duration(limit, f"{where}: time_limit") if limit is not None else None
+        specs.append(MemberSpec(name, backbone, weights, check_options(table, where), limit, where=f"{where} ({name})",
                                 source=str(path)))
     return unique_names(specs, str(path)), defaults
 
