@@ -110,6 +110,7 @@ def world(tmp_path_factory) -> Path:
     }
     for name, text in zoo_files.items():
         (zoo / f"{name}.toml").write_text(text)
+    (root / "text.onnx").write_text("not an onnx graph")
     (root / "weights").mkdir()
     (root / "weights" / "text.pth").write_text("not weights")
     (root / "weights" / "empty.safetensors").write_bytes(b"")
@@ -232,6 +233,17 @@ ROWS: list[tuple[list[str], str]] = [
                    "same_names", "not_toml", "missing_weights", "defaults_value", "unknown_backbone", "bad_layer_decay",
                    "member_list_of_numbers", "bool_as_int")],
     (["run", "{data}", "--out", "{out}", "--zoo", Z + "one_member.toml", *TINY], "at least 2 members"),
+    # Export and label issues.
+    (["export", "{world}/not_a_run", "--out", "{out}/m.onnx"], "not_a_run"),
+    (["export", "{world}/no_weights", "--out", "{out}/m.txt"], ".onnx"),
+    (["export", E + "hot.json", "--out", "{out}/m.onnx"], "hot.json"),
+    (["export", "{world}/no_weights", "--out", "{world}/a_file.txt/m.onnx"], "a_file.txt"),
+    (["export", "{world}/nowhere", "--out", "{out}/m.onnx"], "nowhere"),
+    (["predict", "{world}/text.onnx", "--data", "{data}", "--out", "{out}/p.csv"], "text.onnx"),
+    (["label-issues", P + "good1.safetensors", P + "good2.safetensors"], "good1.safetensors"),
+    (["label-issues", "{world}/no_weights"], "no_weights"),
+    (["label-issues", E + "hot.json"], "hot.json"),
+    (["label-issues", "{world}/nowhere"], "nowhere"),
 ]
 
 
@@ -242,7 +254,9 @@ def _files(root: Path) -> dict[str, tuple[bytes, int]]:
 
 def test_the_table_is_large_enough():
     assert len(ROWS) >= 80
-    assert {args[0] for args, _ in ROWS} >= {"finetune", "run", "lr-find", "predict", "soup", "demo", "correlate", "ensemble"}
+    commands = {args[0] for args, _ in ROWS} | {" ".join(args[:2]) for args, _ in ROWS if args[0] == "ensemble"}
+    every = set(main.commands) | {f"ensemble {name}" for name in main.commands["ensemble"].commands}
+    assert commands >= every, f"no bad input for {sorted(every - commands)}"
 
 
 @pytest.mark.parametrize("args, word", ROWS, ids=[f"{i:03d}-{' '.join(a[:2])}" for i, (a, _) in enumerate(ROWS)])
