@@ -256,6 +256,7 @@ def _train_in_jobs(run: ZooRun, stop_after_epoch: int | None) -> bool:
     from zoo.pipeline.launch import Job, launch
 
     budget, result, logs = run.time_budget, run.result, run.layout.logs
+    run.layout.members.mkdir(parents=True, exist_ok=True)  # OUT is a zoo run from now on, even before a job starts
     jobs, planned = [], {}
     for spec in run.members:
         member = run.layout.member(spec.name)
