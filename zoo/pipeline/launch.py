@@ -1,9 +1,9 @@
 """Launchers: ``zoo run``'s training jobs as separate processes, N at a time here or as one Slurm job array.
 
-A job is what ``zoo finetune ... --folds K --fold I --out OUT/members/NAME`` trains: one fold of a cross-fitted
-member, a single-split member, or a linear probe (all its folds at once: a probe takes seconds). Its process
-calls ``finetune.member.train_member`` on the member's config (:func:`run_job`), so a job trains exactly what
-the same member trains in ``zoo run``'s own process: same folds, seeds and files. Folds of one member run side
+A job (``zoo.pipeline.job``) is what ``zoo finetune ... --folds K --fold I --out OUT/members/NAME`` trains: one
+fold of a cross-fitted member, a single-split member, or a linear probe (all its folds at once: a probe takes
+seconds). Its process calls ``finetune.member.train_member`` on the member's config (``zoo.pipeline.job.run_job``),
+so a job trains exactly what the same member trains in ``zoo run``'s own process: same folds, seeds and files. Folds of one member run side
 by side because a ``--fold I`` process holds only ``RUN/fold-I`` (``zoo.rundir.hold_folder``); the launching
 process writes the cross-fit's ``config.json`` and ``folds.json`` first (``finetune.kfold.start_cross_fit``) and
 assembles its out-of-fold file when a fold job has not.
@@ -17,13 +17,14 @@ assembles its out-of-fold file when a fold job has not.
   (``scontrol requeue``) and it continues from zoo's resume state (``last.pt``). A plain SIGTERM (``scancel``,
   a kill) is zoo's own: the fold saves its mid-epoch state and stops; the next ``zoo run`` resubmits it.
 
-Each job gets the run's deadline (``--time-limit``) and MLflow parent run in the environment (:data:`DEADLINE_ENV`,
-:data:`MLFLOW_PARENT_ENV`). Its output goes to ``OUT/logs/<job>.log`` (Slurm: submitit's files under
+Each job gets the run's deadline (``--time-limit``) and MLflow parent run in the environment
+(``zoo.pipeline.job.DEADLINE_ENV``, ``MLFLOW_PARENT_ENV``). Its output goes to ``OUT/logs/<job>.log`` (Slurm: submitit's files under
 ``OUT/logs/slurm``, named in the failure line). No click here; torch and submitit are imported only where used.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -38,17 +39,14 @@ from queue import Queue
 from typing import Any, Callable, Sequence
 
 from zoo import atomic
-from zoo.errors import UserInputError
+from zoo.errors import Interrupted, UserInputError
+from zoo.pipeline.job import DEADLINE_ENV, FINISHED, MLFLOW_PARENT_ENV, TIME_LIMIT_EXIT, Job
 
 LAUNCHERS = {
     "sequential": "each member in this process, one after another (the default)",
     "local": "jobs as separate processes on this machine, --jobs at a time (--gpus-per-job GPUs each)",
     "slurm": "jobs as one Slurm job array through submitit (pip install 'zoo-ensemble[slurm]')",
 }
-DEADLINE_ENV = "ZOO_DEADLINE"  # the run's training deadline, seconds since the epoch (--time-limit)
-MLFLOW_PARENT_ENV = "ZOO_MLFLOW_PARENT_RUN_ID"  # the zoo run's MLflow run: each member's nests under it
-TIME_LIMIT_EXIT = 75  # a job's process status when the time limit stopped it (EX_TEMPFAIL: run again with more time)
-FINISHED = ("finished", "early-stopped", "waiting", "skipped")  # a job's train_member ``stopped`` that means done
 SLURM_ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "REQUEUE_HOLD",
                 "REQUEUE_FED", "PREEMPTED")
 SLURM_MISSING = "--launcher slurm needs submitit: pip install 'zoo-ensemble[slurm]'"
@@ -103,35 +101,6 @@ def parse_slurm_extra(items: Sequence[str]) -> dict[str, str]:
     return extra
 
 
-@dataclass(frozen=True)
-class Job:
-    """One training job: ``member``'s fold ``fold`` of ``folds`` (None: the whole member), trained from ``config``
-    (a ``FinetuneConfig``'s fields) with the member's own ``time_limit`` (seconds), its output to ``log``."""
-
-    member: str
-    fold: int | None
-    folds: int | None
-    config: dict[str, Any]
-    log: str
-    time_limit: float | None = None
-    stop_after_epoch: int | None = None  # tests: stop after that many epochs, as a kill would
-
-    @property
-    def name(self) -> str:
-        return f"{self.member}-fold-{self.fold}" if self.fold else self.member
-
-    def describe(self) -> str:
-        return f"member {self.member}" + (f", fold {self.fold}/{self.folds}" if self.fold else "")
-
-    @property
-    def done_file(self) -> Path:
-        """The file whose presence means the job's work is finished (a fold's, or the member's, ``result.json``)."""
-        from zoo.rundir import RunDir
-
-        run = RunDir(self.config["out"])
-        return (run.fold_run(self.fold) if self.fold else run).result
-
-
 @dataclass
 class JobOutcome:
     job: Job
@@ -142,56 +111,6 @@ class JobOutcome:
     def line(self) -> str:
         """The one line the launching process prints for a job that failed."""
         return f"  {self.job.describe()}: failed ({self.detail}); log: {self.log}"
-
-
-# ---------------------------------------------------------------------------------------
-# In the job's own process.
-
-
-def run_job(job: Job) -> str:
-    """Train ``job`` in this process (a fresh one); returns ``train_member``'s ``stopped``. The run's deadline and
-    MLflow parent come from the environment (:data:`DEADLINE_ENV`, :data:`MLFLOW_PARENT_ENV`)."""
-    from finetune.config import FinetuneConfig
-    from finetune.member import train_member
-    from zoo.rundir import RunDir
-    from zoo.timelimit import TimeBudget, member_budget
-    from zoo.tracking import Tracking
-
-    cfg = FinetuneConfig.from_dict(job.config)
-    if not cfg.folds and not cfg.linear_probe:  # a single run continues what a killed or requeued try left
-        cfg = replace(cfg, resume=RunDir(cfg.out).resume_state.is_file())
-    deadline = os.environ.get(DEADLINE_ENV)
-    run_budget = TimeBudget(float(deadline) - time.time()) if deadline else None
-    budget = member_budget(run_budget, job.time_limit)
-    tracking = Tracking(mlflow=cfg.mlflow, parent_run_id=os.environ.get(MLFLOW_PARENT_ENV) or None)
-    print(f"zoo job {job.name}: {job.describe()} -> {cfg.out} (pid {os.getpid()})", flush=True)
-    done = train_member(cfg, log=lambda m: print(m, flush=True), progress=False, stop_after_epoch=job.stop_after_epoch,
-                        tracking=tracking, time_budget=budget)
-    print(f"zoo job {job.name}: {done.stopped}", flush=True)
-    return done.stopped
-
-
-def job_exit_status(stopped: str) -> int:
-    return 0 if stopped in FINISHED else TIME_LIMIT_EXIT if stopped == "time-limit" else 1
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m zoo.pipeline.launch JOB.json``: what the local launcher starts for each job."""
-    from zoo.errors import Interrupted
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1:
-        print("usage: python -m zoo.pipeline.launch JOB.json (written by zoo run --launcher local)", file=sys.stderr)
-        return 2
-    job = Job(**json.loads(Path(args[0]).read_text(encoding="utf-8")))
-    try:
-        return job_exit_status(run_job(job))
-    except UserInputError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
-    except Interrupted as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return e.exit_status
 
 
 # ---------------------------------------------------------------------------------------
@@ -287,7 +206,7 @@ def _launch_local(jobs: list[Job], options: LaunchOptions, logs: Path, device: s
             with log_path.open("a", encoding="utf-8") as out, lock:
                 if stopping.is_set():
                     return JobOutcome(job, "failed", "not started: zoo run was stopped", str(log_path)), 0.0
-                process = subprocess.Popen([sys.executable, "-m", "zoo.pipeline.launch", str(spec)], stdout=out,
+                process = subprocess.Popen([sys.executable, "-m", "zoo.pipeline.job", str(spec)], stdout=out,
                                            stderr=subprocess.STDOUT, env=job_env)
                 running[job.name] = process
             status = process.wait()
@@ -300,23 +219,49 @@ def _launch_local(jobs: list[Job], options: LaunchOptions, logs: Path, device: s
     outcomes: dict[str, JobOutcome] = {}
     pool = ThreadPoolExecutor(max_workers=options.jobs, thread_name_prefix="zoo-job")
     try:
-        futures = {pool.submit(run_one, job): job for job in jobs}
-        for done, future in enumerate(as_completed(futures), start=1):
-            outcome, seconds = future.result()
-            outcomes[outcome.job.name] = outcome
-            _progress(done, len(jobs), outcome, seconds, log)
-    except BaseException:
-        # Ctrl-C, SIGTERM turned into an exception, a bug: no new job starts, and each running one gets SIGTERM,
-        # on which zoo saves its resume state (a terminal's Ctrl-C reaches them by itself; this covers the rest).
+        with _sigterm_raises():
+            futures = {pool.submit(run_one, job): job for job in jobs}
+            for done, future in enumerate(as_completed(futures), start=1):
+                outcome, seconds = future.result()
+                outcomes[outcome.job.name] = outcome
+                _progress(done, len(jobs), outcome, seconds, log)
+    except BaseException as e:
+        # Ctrl-C, SIGTERM, a bug: no new job starts, and each running one gets SIGTERM, on which zoo saves its
+        # resume state (a terminal's Ctrl-C reaches them by itself; this covers a kill of this process).
         stopping.set()
         with lock:
             for process in running.values():
                 if process.poll() is None:
                     process.send_signal(signal.SIGTERM)
         pool.shutdown(wait=True, cancel_futures=True)
+        if isinstance(e, (KeyboardInterrupt, _Terminated)):
+            name = "SIGINT" if isinstance(e, KeyboardInterrupt) else "SIGTERM"
+            raise Interrupted(128 + int(signal.Signals[name]), f"{name}: zoo run stopped; its running jobs saved their "
+                              "resume state. Run the same command again to continue") from None
         raise
     pool.shutdown(wait=True)
     return [outcomes[job.name] for job in jobs]
+
+
+class _Terminated(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM to the launching process as an exception (Ctrl-C already is one), so its jobs are stopped cleanly."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _local_outcome(job: Job, status: int, log_path: Path) -> JobOutcome:
@@ -425,7 +370,3 @@ def _slurm_outcome(job: Job, handle) -> JobOutcome:
     if stopped in FINISHED and job.done_file.is_file():
         return JobOutcome(job, "finished", log=stdout)
     return JobOutcome(job, "failed", f"ended {stopped} without its result.json", stderr)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

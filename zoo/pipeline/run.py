@@ -253,7 +253,8 @@ def _train_in_jobs(run: ZooRun, stop_after_epoch: int | None) -> bool:
     (``zoo.pipeline.launch``); this process plans them, waits, and assembles the cross-fits whose folds all finished.
     False when the jobs were only submitted (``--no-wait``); ``JobsFailed`` when a member is missing after them."""
     from finetune.kfold import start_cross_fit
-    from zoo.pipeline.launch import Job, launch
+    from zoo.pipeline.job import Job
+    from zoo.pipeline.launch import launch
 
     budget, result, logs = run.time_budget, run.result, run.layout.logs
     run.layout.members.mkdir(parents=True, exist_ok=True)  # OUT is a zoo run from now on, even before a job starts

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import submitit
 
-from zoo.pipeline.launch import Job, run_job
+from zoo.pipeline.job import Job, run_job
 
 
 class SlurmTrainingJob(submitit.helpers.Checkpointable):
