@@ -102,7 +102,7 @@ def test_a_failing_job_is_one_line_and_the_other_members_finish(data, tmp_path):
     broken.write_bytes(b"not a weights file")  # only loading it, in the job, finds that out
     members = [MemberSpec(m.name, m.backbone, options={"pretrained": False}) for m in MEMBERS]
     members.append(MemberSpec("bad", "test_resnet", weights=str(broken)))
-    given = {k: v for k, v in TINY.items() if k != "pretrained"}
+    given = {**{k: v for k, v in TINY.items() if k != "pretrained"}, "epochs": 1}
     lines = []
     with pytest.raises(JobsFailed) as error:
         run_zoo(data, tmp_path / "zoo", members, given=given, cv=2, latency_repeats=1, log=lines.append,

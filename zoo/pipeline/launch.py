@@ -173,6 +173,14 @@ def gpu_slots(gpus: list[str], jobs: int, per_job: int | None) -> list[str | Non
     return [",".join(gpus[i * per_job:(i + 1) * per_job]) for i in range(jobs)]
 
 
+def check_resources(options: LaunchOptions, device: str | None) -> list[str | None]:
+    """The local launcher's GPU slots (``CUDA_VISIBLE_DEVICES`` per concurrent job), refused in one line when
+    ``--jobs`` x ``--gpus-per-job`` exceed this machine's GPUs; none for Slurm, whose nodes have their own."""
+    if options.launcher != "local":
+        return []
+    return gpu_slots(visible_gpus(device), options.jobs, options.gpus_per_job)
+
+
 def _cpu_share(job: Job, jobs: int, on_gpu: bool) -> Job:
     """Split this machine's cores between ``jobs`` processes: each job's threads and loader workers, unless given."""
     from zoo.cpu import cpu_budget
@@ -187,7 +195,7 @@ def _cpu_share(job: Job, jobs: int, on_gpu: bool) -> Job:
 def _launch_local(jobs: list[Job], options: LaunchOptions, logs: Path, device: str | None, env: dict[str, str],
                   log) -> list[JobOutcome]:
     slots: Queue = Queue()
-    gpu_values = gpu_slots(visible_gpus(device), options.jobs, options.gpus_per_job)
+    gpu_values = check_resources(options, device)
     for value in gpu_values:
         slots.put(value)
     jobs = [_cpu_share(job, options.jobs, gpu_values[0] is not None) for job in jobs]

@@ -254,9 +254,10 @@ def _train_in_jobs(run: ZooRun, stop_after_epoch: int | None) -> bool:
     False when the jobs were only submitted (``--no-wait``); ``JobsFailed`` when a member is missing after them."""
     from finetune.kfold import start_cross_fit
     from zoo.pipeline.job import Job
-    from zoo.pipeline.launch import launch
+    from zoo.pipeline.launch import check_resources, launch
 
     budget, result, logs = run.time_budget, run.result, run.layout.logs
+    check_resources(run.launch, run.device)  # before anything is written: --jobs x --gpus-per-job must fit this machine
     run.layout.members.mkdir(parents=True, exist_ok=True)  # OUT is a zoo run from now on, even before a job starts
     jobs, planned = [], {}
     for spec in run.members:
