@@ -40,7 +40,7 @@ import numpy as np
 
 from zoo.errors import HubUnreachable, JobsFailed, UserInputError
 from zoo.pipeline.context import RunResult, ZooRun
-from zoo.pipeline.launch import LaunchOptions
+from zoo.pipeline.launch import LaunchOptions, check_resources
 from zoo.pipeline.layout import ZooRunDir, is_zoo_run
 from zoo.pipeline.leaderboard import (MAX_EXHAUSTIVE, LeaderRow, cached_latencies, format_front, format_leaderboard,
                                       leaderboard_records, pareto_front, pick_under_budget, subset_table, write_leaderboard,
@@ -98,6 +98,7 @@ def run_zoo(data: str | os.PathLike, out: str | os.PathLike, members: Sequence[M
     run = ZooRun(data, layout, members, shared, given, folds, fold_seed, cv, max_latency, latency_repeats, latency_backend,
                  device, threads, title, log, listing, RunResult(layout.root, "finished"), start, tracking, None, budget,
                  clock, (launch or LaunchOptions()).validate())
+    check_resources(run.launch, device)  # --jobs x --gpus-per-job must fit this machine, known before anything is written
     check_members(run)
     with hold_folder(layout.root):  # a second `zoo run` on this --out refuses while this one works
         run.tracker = tracking.open(layout, layout.root.name, {
@@ -254,10 +255,9 @@ def _train_in_jobs(run: ZooRun, stop_after_epoch: int | None) -> bool:
     False when the jobs were only submitted (``--no-wait``); ``JobsFailed`` when a member is missing after them."""
     from finetune.kfold import start_cross_fit
     from zoo.pipeline.job import Job
-    from zoo.pipeline.launch import check_resources, launch
+    from zoo.pipeline.launch import launch
 
     budget, result, logs = run.time_budget, run.result, run.layout.logs
-    check_resources(run.launch, run.device)  # before anything is written: --jobs x --gpus-per-job must fit this machine
     run.layout.members.mkdir(parents=True, exist_ok=True)  # OUT is a zoo run from now on, even before a job starts
     jobs, planned = [], {}
     for spec in run.members:
