@@ -72,6 +72,19 @@ def finetune_folds(cfg: FinetuneConfig, *, log=stderr_log, progress: bool | None
         return _finetune_folds(run, cfg, log, progress, stop_after_epoch, tracking, time_budget)
 
 
+def start_cross_fit(cfg: FinetuneConfig) -> RunDir:
+    """Write a cross-fit's ``RUN/config.json`` and ``RUN/folds.json`` (options checked against a cross-fit already in
+    ``cfg.out``) before its ``--fold I`` processes start side by side: each then finds the run made and checks its
+    own options against it, instead of racing to make it. Writes what ``--fold I`` would, the same bytes."""
+    run = RunDir(check_out_folder(cfg.out, "a zoo finetune run", is_finetune_run))
+    with hold_folder(run.root):
+        cfg = _options_to_run(replace(cfg, fold=None, resume=False), run).validate()
+        listing = read_listing(cfg.data, allow_outside_root=cfg.allow_outside_root)
+        _, holdout, folds, excluded = pool_folds(listing, cfg.folds, cfg.fold_seed, cfg.pool, cfg.exclude)
+        write_cross_fit_parent(run, cfg, listing.classes, folds, "val" if holdout else None, excluded)
+    return run
+
+
 def _finetune_folds(run: RunDir, cfg: FinetuneConfig, log, progress: bool | None, stop_after_epoch: int | None,
                     tracking: Tracking | None, time_budget: TimeBudget | None) -> CrossFitResult:
     cfg = _options_to_run(cfg, run).validate()

@@ -149,6 +149,10 @@ ROWS: list[tuple[list[str], str]] = [
     (["run", "{data}", "--out", "{out}", "--backbones", "test_resnet", *TINY], "at least 2 members"),
     (["run", "{data}", "--out", "{out}", "--backbones", "test_resnet,test_resnet", *TINY], "--cv 5"),  # 4 validation rows
     (["run", "{data}", "--out", "{out}", "--backbones", "test_resnet,,", *TINY], "at least 2 members"),
+    ([*RUN, "--launcher", "local", "--partition", "gpu"], "--partition: only with --launcher slurm"),
+    ([*RUN, "--jobs", "4"], "need --launcher local or slurm"),
+    ([*RUN, "--launcher", "slurm", "--slurm-extra", "account"], "expected KEY=VALUE"),
+    ([*RUN, "--launcher", "local", "--jobs", "2", "--gpus-per-job", "1", "--device", "cuda"], "needs 2 GPUs"),
     (["lr-find", "test_resnet", "--data", "{world}/one_class", "--no-pretrained", "--out", "{out}/lr.png"], "at least 2"),
     ([*LR[:6], "{world}/a_file.txt/lr.png"], "a_file.txt"),
     ([*LR[:6], "{world}/empty"], "is a folder"),

@@ -24,3 +24,8 @@ class Interrupted(Exception):
     def __init__(self, exit_status: int, message: str = ""):
         super().__init__(message or f"interrupted (exit status {exit_status})")
         self.exit_status = exit_status
+
+
+class JobsFailed(UserInputError):
+    """Training jobs of ``zoo run --launcher local|slurm`` failed, so members are missing: printed as one line, like
+    bad input, naming the members and the jobs' log files (each failed job had its own line before)."""

@@ -6,6 +6,7 @@ import click
 from click.core import ParameterSource
 
 from zoo.cli.options import THREADS_HELP, config_options
+from zoo.pipeline.launch import LAUNCHERS, LaunchOptions, parse_slurm_extra
 from zoo.pipeline.leaderboard import LATENCY_BACKENDS
 
 # FinetuneConfig fields that zoo run sets itself (or that its own options replace): not options of
@@ -29,9 +30,24 @@ _NOT_SHARED = ("resume", "fold", "val_from_train", "linear_probe", "probe_views"
 @click.option("--time-limit", default=None, metavar="DURATION", help="training budget, e.g. 2h, 90m, 1h30m: epochs and "
               "members that would not end in it are not started (estimated from each member's first epoch); the ensemble is "
               "fitted on the members that finished and the report names the others")
+@click.option("--launcher", default="sequential", show_default=True, type=click.Choice(list(LAUNCHERS)),
+              help="how the members' folds are trained: " + "; ".join(f"{k}: {v}" for k, v in LAUNCHERS.items()))
+@click.option("--jobs", default=None, type=click.IntRange(min=0), help="training jobs at once (local: processes, "
+              "default 1; slurm: the array's parallelism, default no cap)")
+@click.option("--gpus-per-job", default=None, type=click.IntRange(min=0), help="GPUs each job gets (default: 1 where "
+              "there are GPUs, else 0)")
+@click.option("--partition", default=None, help="Slurm partition of the jobs")
+@click.option("--cpus-per-job", default=None, type=click.IntRange(min=1), help="Slurm: CPUs per job (--cpus-per-task)")
+@click.option("--time-min", default=240, show_default=True, type=click.IntRange(min=1), help="Slurm: minutes per job; a job "
+              "that reaches it (or is pre-empted) is requeued and continues from its resume state")
+@click.option("--slurm-extra", multiple=True, metavar="KEY=VALUE", help="any other sbatch option, e.g. account=mylab "
+              "(repeatable)")
+@click.option("--wait/--no-wait", default=True, help="Slurm: wait for the jobs (default), or return once they are "
+              "submitted; the same command later collects them and runs the rest")
 @config_options
 @click.pass_context
-def run_command(ctx, data, out, backbones, zoo_file, max_latency, cv, latency_repeats, latency_backend, time_limit, **options):
+def run_command(ctx, data, out, backbones, zoo_file, max_latency, cv, latency_repeats, latency_backend, time_limit, launcher,
+                jobs, gpus_per_job, partition, cpus_per_job, time_min, slurm_extra, wait, **options):
     """Fine-tune a zoo of backbones, correlate them, fit and score the ensemble, and report.
 
     \b
@@ -39,6 +55,8 @@ def run_command(ctx, data, out, backbones, zoo_file, max_latency, cv, latency_re
     zoo run data/ --out runs/zoo --backbones resnet18.a1_in1k,tf_efficientnet_lite0.in1k --epochs 6
     zoo run data/ --out runs/zoo --max-latency 20
     zoo run data/ --out runs/zoo --zoo zoo.toml --folds 5 --time-limit 2h --mlflow
+    zoo run data/ --out runs/zoo --zoo zoo.toml --folds 5 --launcher local --jobs 8
+    zoo run data/ --out runs/zoo --zoo zoo.toml --folds 5 --launcher slurm --partition gpu --gpus-per-job 1
 
     Each member is fine-tuned into OUT/members/NAME (with --folds K, cross-fitted); finished
     members are skipped and an interrupted one continues from its resume state, so re-running
@@ -71,7 +89,12 @@ def run_command(ctx, data, out, backbones, zoo_file, max_latency, cv, latency_re
         raise click.UsageError("--weights needs --backbones NAME (the backbone those weights are for)")
     result = run_zoo(data, out, members, shared=shared, given=given, folds=folds, fold_seed=fold_seed, cv=cv,
                      max_latency=max_latency, latency_repeats=latency_repeats, latency_backend=latency_backend,
-                     log=lambda m: click.echo(m, err=True), time_limit=time_limit)
+                     log=lambda m: click.echo(m, err=True), time_limit=time_limit,
+                     launch=LaunchOptions(launcher, jobs if jobs is not None else (0 if launcher == "slurm" else 1),
+                                          gpus_per_job, partition, cpus_per_job, time_min, parse_slurm_extra(slurm_extra), wait))
+    if result.status == "submitted":
+        click.echo(f"jobs submitted to Slurm; run the same command again to collect them and finish ({out})")
+        return
     if result.status != "finished":
         raise click.ClickException(f"stopped before the end; run the same command again to continue ({out})")
     click.echo(result.summary)

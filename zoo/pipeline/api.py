@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 from zoo.errors import UserInputError
 from zoo.pipeline.context import RunResult
+from zoo.pipeline.launch import LaunchOptions
 from zoo.pipeline.layout import ZooRunDir
 from zoo.pipeline.run import run_zoo
 from zoo.pipeline.zoo_file import MemberSpec, check_options, parse_backbones, read_zoo_file
@@ -28,12 +29,14 @@ from zoo.timelimit import TimeBudget, parse_duration
 def run(data: str | os.PathLike, out: str | os.PathLike, backbones: Sequence[str | MemberSpec] | str | None = None, *,
         zoo_file: str | os.PathLike | None = None, folds: int | None = None, fold_seed: int | None = None, cv: int = 5,
         max_latency: float | None = None, time_limit: float | str | None = None, mlflow: bool | None = None,
-        log: Callable[[str], None] | None = print, progress: bool = True, **options: Any) -> RunResult:
+        log: Callable[[str], None] | None = print, progress: bool = True, launch: LaunchOptions | None = None,
+        **options: Any) -> RunResult:
     """``zoo run``: fine-tune each backbone into ``out/members``, correlate, fit the ensemble, score, report.
 
     ``backbones``: timm names (or ``MemberSpec``s); or ``zoo_file``: a TOML zoo file. ``options``: ``zoo finetune``
     options for every member (``epochs=3``, ``pretrained=False`` ...). ``time_limit``: seconds or ``"2h"``;
-    ``mlflow``: log to MLflow (default: when ``MLFLOW_TRACKING_URI`` is set). Returns a ``RunResult``:
+    ``mlflow``: log to MLflow (default: when ``MLFLOW_TRACKING_URI`` is set); ``launch``: the members' folds as
+    separate jobs (``zoo.pipeline.launch.LaunchOptions("local", jobs=4)``, or ``"slurm"``). Returns a ``RunResult``:
     ``.leaderboard`` (dict rows; ``.to_pandas()``), ``.ensemble`` (for ``zoo.predict``), ``.report`` (HTML).
     Calling it again with the same ``out`` continues the run, skipping finished members.
     """
@@ -51,7 +54,7 @@ def run(data: str | os.PathLike, out: str | os.PathLike, backbones: Sequence[str
         given["mlflow"] = mlflow
     with bars(progress):
         return run_zoo(data, out, members, shared=shared, given=given, folds=folds, fold_seed=fold_seed, cv=cv,
-                       max_latency=max_latency, time_limit=time_limit, log=log or _quiet)
+                       max_latency=max_latency, time_limit=time_limit, log=log or _quiet, launch=launch)
 
 
 def finetune(backbone: str, data: str | os.PathLike, out: str | os.PathLike, *, folds: int | None = None,

@@ -21,7 +21,7 @@ class RunResult:
     command prints) and which members this call trained, skipped or left out for time."""
 
     out: Path
-    status: str  # finished | interrupted
+    status: str  # finished | interrupted | submitted (--launcher slurm --no-wait: the jobs are queued)
     trained: list[str] = field(default_factory=list)  # members trained (or continued) by this call
     resumed: list[str] = field(default_factory=list)  # of those, continued from resume state
     skipped: list[str] = field(default_factory=list)  # finished earlier
@@ -62,6 +62,7 @@ class ZooRun:
     tracker: Any  # zoo.tracking.Tracker of the run: its parameters, the ensemble's scores, its files
     time_budget: Any = None  # zoo.timelimit.TimeBudget of the training stage, or None
     clock: Callable[[], float] = time.monotonic  # what time budgets are measured on (tests move it)
+    launch: Any = None  # zoo.pipeline.launch.LaunchOptions: how stage 1 runs its training jobs
     # Filled by the stages, in order.
     select: list = field(default_factory=list)  # Predictions of the selection rows, aligned (stage 2)
     correlation: Any = None  # ensemble.diversity.CorrelationReport (stage 2)

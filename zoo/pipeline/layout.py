@@ -21,6 +21,11 @@ class ZooRunDir(Folder):
     def member(self, name: str) -> RunDir:
         return RunDir(self.members / name)
 
+    @property
+    def logs(self) -> Path:
+        """The training jobs' specs and output under ``--launcher local|slurm`` (``zoo.pipeline.launch``)."""
+        return self.root / "logs"
+
     # Stages 2-3: correlation and weights on the selection rows.
     @property
     def correlation(self) -> Path:

@@ -38,8 +38,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from zoo.errors import HubUnreachable, UserInputError
+from zoo.errors import HubUnreachable, JobsFailed, UserInputError
 from zoo.pipeline.context import RunResult, ZooRun
+from zoo.pipeline.launch import LaunchOptions, check_resources
 from zoo.pipeline.layout import ZooRunDir, is_zoo_run
 from zoo.pipeline.leaderboard import (MAX_EXHAUSTIVE, LeaderRow, cached_latencies, format_front, format_leaderboard,
                                       leaderboard_records, pareto_front, pick_under_budget, subset_table, write_leaderboard,
@@ -59,7 +60,7 @@ def run_zoo(data: str | os.PathLike, out: str | os.PathLike, members: Sequence[M
             fold_seed: int | None = None, cv: int = 5, max_latency: float | None = None, latency_repeats: int = 5,
             latency_backend: str = "torch", title: str = "zoo run", log: Callable[[str], None] = print,
             stop_after_epoch: int | None = None, time_limit: float | str | None = None,
-            clock: Callable[[], float] = time.monotonic) -> RunResult:
+            clock: Callable[[], float] = time.monotonic, launch: LaunchOptions | None = None) -> RunResult:
     """Run every stage of a zoo into ``out``; see the module docstring.
 
     ``members``: the zoo (None: the default zoo for this device, printed); ``shared``: finetune options
@@ -71,6 +72,8 @@ def run_zoo(data: str | os.PathLike, out: str | os.PathLike, members: Sequence[M
     that many epochs, as a kill would (tests). Returns a ``RunResult`` (``status`` ``interrupted`` then).
     ``time_limit`` (seconds, or ``"2h"``): the training budget, measured on ``clock`` (``zoo.timelimit``);
     members that do not finish in it are left out of the ensemble and named in the report.
+    ``launch`` (``zoo.pipeline.launch.LaunchOptions``): train the members' folds as separate jobs, several at a time on
+    this machine or as a Slurm job array (default: one after another in this process); the later stages run here.
     ``--mlflow`` (in ``given``/``shared``) or ``MLFLOW_TRACKING_URI``: the run is an MLflow run and each
     member one nested under it; TensorBoard event files go to ``out/tb`` and each member's ``tb/``.
     """
@@ -94,7 +97,8 @@ def run_zoo(data: str | os.PathLike, out: str | os.PathLike, members: Sequence[M
     tracking = Tracking(mlflow=given.get("mlflow", shared.get("mlflow")))
     run = ZooRun(data, layout, members, shared, given, folds, fold_seed, cv, max_latency, latency_repeats, latency_backend,
                  device, threads, title, log, listing, RunResult(layout.root, "finished"), start, tracking, None, budget,
-                 clock)
+                 clock, (launch or LaunchOptions()).validate())
+    check_resources(run.launch, device)  # --jobs x --gpus-per-job must fit this machine, known before anything is written
     check_members(run)
     with hold_folder(layout.root):  # a second `zoo run` on this --out refuses while this one works
         run.tracker = tracking.open(layout, layout.root.name, {
@@ -107,7 +111,8 @@ def run_zoo(data: str | os.PathLike, out: str | os.PathLike, members: Sequence[M
 def _run_stages(run: ZooRun, stop_after_epoch: int | None) -> RunResult:
     with run.tracker:
         if not train_members(run, stop_after_epoch):
-            run.result.status = "interrupted"
+            if run.result.status == "finished":  # not "submitted" (--no-wait)
+                run.result.status = "interrupted"
             run.result.seconds = time.perf_counter() - run.start
             run.tracker.close(stopped=True)
             return run.result
@@ -197,14 +202,31 @@ def train_members(run: ZooRun, stop_after_epoch: int | None = None) -> bool:
 
     With a time limit (the run's, a member's own ``time_limit``) a member that does not finish in it is left
     out (``result.timed_out``) and the later stages go on with the members that did."""
-    from finetune.train import TrainingInterrupted
-
     budget, result = run.time_budget, run.result
     folds = {spec.name: _folds_of(run, spec) for spec in run.members}
     described = ("" if not run.folds else f", {run.folds} folds each" if set(folds.values()) == {run.folds} else
                  ", cross-fitted: " + ", ".join(f"{name} ({k} folds)" for name, k in folds.items()))
     run.log(f"[1/6] fine-tuning {len(run.members)} members{described}"
-            + (f" within {format_duration(budget.remaining())}" if budget else "") + f" -> {run.layout.members}")
+            + (f" within {format_duration(budget.remaining())}" if budget else "")
+            + (f", {run.launch.launcher} launcher" if run.launch.launcher != "sequential" else "") + f" -> {run.layout.members}")
+    if not (_train_here(run, stop_after_epoch) if run.launch.launcher == "sequential" else _train_in_jobs(run, stop_after_epoch)):
+        return False
+    left_out = [m.name for m in run.members if m.name in result.timed_out and not run.layout.member(m.name).result.is_file()]
+    run.members = [m for m in run.members if m.name not in left_out]
+    if left_out:
+        run.log(f"  time limit: left out {', '.join(left_out)}; the ensemble is fitted on {', '.join(run.names) or 'nothing'}")
+    if len(run.members) < 2:
+        raise UserInputError(f"only {len(run.members)} member(s) finished within the time limit ({', '.join(run.names) or 'none'}; "
+                             f"left out: {', '.join(left_out)}); an ensemble needs 2. Run the same command again with a longer "
+                             "--time-limit: finished members and folds are kept")
+    return True
+
+
+def _train_here(run: ZooRun, stop_after_epoch: int | None) -> bool:
+    """The sequential launcher: each member in this process, one after another."""
+    from finetune.train import TrainingInterrupted
+
+    budget, result = run.time_budget, run.result
     for spec in run.members:
         member_time = member_budget(budget, spec.time_limit, run.clock)
         if member_time is not None and not run.layout.member(spec.name).result.is_file() and member_time.remaining() <= 0:
@@ -224,15 +246,72 @@ def train_members(run: ZooRun, stop_after_epoch: int | None = None) -> bool:
         elif stopped not in ("finished", "early-stopped", "skipped"):
             run.log(f"  {spec.name}: stopped before its end; run the same command again to continue it")
             return False
-    left_out = [m.name for m in run.members if m.name in result.timed_out and not run.layout.member(m.name).result.is_file()]
-    run.members = [m for m in run.members if m.name not in left_out]
-    if left_out:
-        run.log(f"  time limit: left out {', '.join(left_out)}; the ensemble is fitted on {', '.join(run.names) or 'nothing'}")
-    if len(run.members) < 2:
-        raise UserInputError(f"only {len(run.members)} member(s) finished within the time limit ({', '.join(run.names) or 'none'}; "
-                             f"left out: {', '.join(left_out)}); an ensemble needs 2. Run the same command again with a longer "
-                             "--time-limit: finished members and folds are kept")
     return True
+
+
+def _train_in_jobs(run: ZooRun, stop_after_epoch: int | None) -> bool:
+    """``--launcher local|slurm``: each unfinished fold (a single-split member, a probe: the member) is a job
+    (``zoo.pipeline.launch``); this process plans them, waits, and assembles the cross-fits whose folds all finished.
+    False when the jobs were only submitted (``--no-wait``); ``JobsFailed`` when a member is missing after them."""
+    from finetune.kfold import start_cross_fit
+    from zoo.pipeline.job import Job
+    from zoo.pipeline.launch import launch
+
+    budget, result, logs = run.time_budget, run.result, run.layout.logs
+    run.layout.members.mkdir(parents=True, exist_ok=True)  # OUT is a zoo run from now on, even before a job starts
+    jobs, planned = [], {}
+    for spec in run.members:
+        member = run.layout.member(spec.name)
+        member_time = member_budget(budget, spec.time_limit, run.clock)
+        if member_time is not None and not member.result.is_file() and member_time.remaining() <= 0:
+            result.timed_out[spec.name] = "not started: no training time left"
+            run.log(f"  {spec.name}: not started, no training time left")
+            continue
+        cfg = _prepare_member(run, spec, member_config(run, spec))
+        if cfg is None:
+            continue
+        planned[spec.name] = cfg
+        job = Job(spec.name, None, cfg.folds, cfg.to_dict(), str(logs / f"{spec.name}.log"), spec.time_limit, stop_after_epoch)
+        if not cfg.folds or cfg.linear_probe:  # a probe's folds take seconds: one job
+            jobs.append(job)
+            continue
+        start_cross_fit(cfg)
+        jobs += [replace(job, fold=i, config={**job.config, "fold": i, "resume": False}, log=str(logs / f"{spec.name}-fold-{i}.log"))
+                 for i in range(1, cfg.folds + 1) if not member.fold_run(i).result.is_file()]
+    deadline = time.time() + budget.remaining() if budget is not None else None
+    outcomes = launch(jobs, run.launch, logs, device=run.device, deadline=deadline, mlflow_parent=run.tracker.mlflow_run_id,
+                      log=run.log) if jobs else []
+    if any(o.status == "queued" for o in outcomes):
+        run.log(f"  {len(outcomes)} job(s) submitted; run the same command again to collect them: it submits only the "
+                "jobs that are neither finished nor still queued or running")
+        result.status = "submitted"
+        return False
+    for name, cfg in planned.items():
+        _assemble_cross_fit(run, run.layout.member(name), cfg)
+    for name in {o.job.member for o in outcomes if o.status == "time-limit"}:
+        if run.layout.member(name).result.is_file():
+            result.timed_out.setdefault(name, "kept, with fewer epochs: later epochs would not have ended in time")
+        elif not any(o.status == "failed" for o in outcomes if o.job.member == name):
+            result.timed_out[name] = "cross-fit left unfinished: its remaining folds would not end in time"
+    missing = [name for name in planned if not run.layout.member(name).result.is_file() and name not in result.timed_out]
+    if missing:
+        failed = [o for o in outcomes if o.status == "failed"]
+        raise JobsFailed(f"member(s) {', '.join(missing)} did not finish: {len(failed)} job(s) failed ("
+                         + "; ".join(f"{o.job.describe()}: {o.log}" for o in failed) + "); the stages after training need "
+                         "every member. Fix the cause and run the same command again: finished folds are kept")
+    return True
+
+
+def _assemble_cross_fit(run: ZooRun, member: RunDir, cfg) -> None:
+    """A cross-fit whose fold jobs all finished but none assembled it (two ended at once): its out-of-fold file now."""
+    from finetune.member import train_member
+
+    folds = cfg.folds if cfg.folds and not cfg.linear_probe else 0
+    if member.result.is_file() or not folds or not all(member.fold_run(i).result.is_file() for i in range(1, folds + 1)):
+        return
+    shown = _member_log(run.log)
+    train_member(replace(cfg, fold=None, resume=False), log=lambda m: None if m.startswith("fold ") else shown(m),
+                 tracking=run.tracking)
 
 
 def _folds_of(run: ZooRun, spec: MemberSpec) -> int | None:
@@ -255,6 +334,29 @@ def _train_member(run: ZooRun, spec: MemberSpec, cfg, stop_after_epoch: int | No
     when it had finished earlier)."""
     from finetune.member import train_member
 
+    cfg = _prepare_member(run, spec, cfg)
+    if cfg is None:
+        return "skipped"
+    member_log = _member_log(run.log)
+    try:
+        done = train_member(cfg, log=member_log, stop_after_epoch=stop_after_epoch, tracking=run.tracking,
+                            time_budget=time_budget)
+    except HubUnreachable as e:
+        if not spec.weights:
+            raise UserInputError(f"{e}\n{NO_HUB_HELP}") from None
+        raise
+    if done.kind == "probe":
+        member_log(done.summary + " -> " + str(cfg.out))
+    return done.stopped if done.finished or done.stopped == "time-limit" else "interrupted"
+
+
+def _member_log(log: Callable[[str], None]) -> Callable[[str], None]:
+    return lambda m: log("    " + m) if m.startswith(_SHOWN) or " -> " in m else None
+
+
+def _prepare_member(run: ZooRun, spec: MemberSpec, cfg):
+    """What training ``spec`` takes, said and checked the same for every launcher: None when it finished earlier
+    (skipped); else ``cfg`` set to continue what an earlier run left (the member is then in ``result.trained``)."""
     log, result, member = run.log, run.result, run.layout.member(spec.name)
     if member.result.is_file():
         changed = _changed_options(member, cfg)
@@ -262,12 +364,11 @@ def _train_member(run: ZooRun, spec: MemberSpec, cfg, stop_after_epoch: int | No
             f" (note: it was trained with other {', '.join('--' + c.replace('_', '-') for c in changed)}; "
             f"delete {member.root} to train it again)" if changed else ""))
         result.skipped.append(spec.name)
-        return "skipped"
+        return None
     if member.is_run() and bool(member.is_cross_fit()) != bool(cfg.folds):
         raise UserInputError(f"{member.root}: holds a {'cross-fit' if member.is_cross_fit() else 'single-split run'} but this "
                              f"run asks for {'--folds ' + str(cfg.folds) if cfg.folds else 'no --folds'}; keep the option it "
                              "started with, or choose another --out")
-    member_log = (lambda m: log("    " + m) if m.startswith(_SHOWN) or " -> " in m else None)
     folds = f" ({cfg.folds} folds)" if cfg.folds else ""
     if cfg.linear_probe:  # seconds, no epochs and no resume state: an unfinished probe is redone from scratch
         if member.is_run():
@@ -285,16 +386,7 @@ def _train_member(run: ZooRun, spec: MemberSpec, cfg, stop_after_epoch: int | No
         # A cross-fit continues its unfinished folds by itself; a single run is told to resume.
         cfg = replace(cfg, resume=not cfg.folds and member.resume_state.is_file())
     result.trained.append(spec.name)
-    try:
-        done = train_member(cfg, log=member_log, stop_after_epoch=stop_after_epoch, tracking=run.tracking,
-                            time_budget=time_budget)
-    except HubUnreachable as e:
-        if not spec.weights:
-            raise UserInputError(f"{e}\n{NO_HUB_HELP}") from None
-        raise
-    if done.kind == "probe":
-        member_log(done.summary + " -> " + str(member.root))
-    return done.stopped if done.finished or done.stopped == "time-limit" else "interrupted"
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------
