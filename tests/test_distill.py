@@ -250,3 +250,27 @@ def test_bad_inputs_are_one_line_each(members, tmp_path, case, message):
     lines = result.output.strip().split("\n")
     assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], result.output
     assert not out.exists()  # refused before anything was written
+
+
+def test_zoo_run_distills_its_ensemble_into_a_student_row(tmp_path):
+    import csv
+
+    from zoo.pipeline.run import run_zoo
+    from zoo.pipeline.zoo_file import MemberSpec, read_distill_table
+
+    data = make_image_folder(tmp_path / "data", per_class=(6, 3, 0), size=(40, 48))
+    zoo_file = tmp_path / "zoo.toml"
+    zoo_file.write_text('[distill]\nbackbone = "test_resnet"\nviews = 2\nalpha = 0.5\nepochs = 1\npretrained = false\n'
+                        'input_size = 32\nbatch_size = 8\nauto_augment = "none"\n')
+    distill = read_distill_table(zoo_file)
+    assert distill["views"] == 2 and distill["options"]["epochs"] == 1
+    members = [MemberSpec("res", "test_resnet", options={"linear_probe": True}),
+               MemberSpec("vit", "test_vit", options={"linear_probe": True, "input_size": 48})]
+    result = run_zoo(data, tmp_path / "zoo", members, given={"pretrained": False, "input_size": 32, "workers": 0, "threads": 1},
+                     folds=2, cv=2, latency_repeats=1, log=lambda _: None, distill=distill)
+    rows = {r["name"]: r for r in csv.DictReader((tmp_path / "zoo" / "leaderboard.csv").open())}
+    student = rows["student"]
+    assert student["kind"] == "student" and float(student["holdout_log_loss"]) > 0 and float(student["ms_per_image_batch1"]) > 0
+    config = json.loads((tmp_path / "zoo" / "student" / "config.json").read_text())
+    assert config["distill"]["alpha"] == 0.5 and config["distill"]["members"] == ["res", "vit"]
+    assert "student" in (tmp_path / "zoo" / "report.html").read_text() and result.status == "finished"

@@ -29,9 +29,13 @@ _NOT_SHARED = ("resume", "fold", "val_from_train", "linear_probe", "probe_views"
 @click.option("--time-limit", default=None, metavar="DURATION", help="training budget, e.g. 2h, 90m, 1h30m: epochs and "
               "members that would not end in it are not started (estimated from each member's first epoch); the ensemble is "
               "fitted on the members that finished and the report names the others")
+@click.option("--distill", "distill_backbone", default=None, metavar="BACKBONE", help="after the ensemble, distil it into "
+              "this timm model (zoo distill's defaults; a zoo file's [distill] table sets its weights and options): a "
+              "\"student\" row in the leaderboard and report")
 @config_options
 @click.pass_context
-def run_command(ctx, data, out, backbones, zoo_file, max_latency, cv, latency_repeats, latency_backend, time_limit, **options):
+def run_command(ctx, data, out, backbones, zoo_file, max_latency, cv, latency_repeats, latency_backend, time_limit,
+                distill_backbone, **options):
     """Fine-tune a zoo of backbones, correlate them, fit and score the ensemble, and report.
 
     \b
@@ -54,14 +58,15 @@ def run_command(ctx, data, out, backbones, zoo_file, max_latency, cv, latency_re
     Hugging Face hub; offline, give weights in a zoo file).
     """
     from zoo.pipeline.run import run_zoo
-    from zoo.pipeline.zoo_file import parse_backbones, read_zoo_file
+    from zoo.pipeline.zoo_file import parse_backbones, read_distill_table, read_zoo_file
 
     if backbones and zoo_file:
         raise click.UsageError("pass --backbones or --zoo, not both")
     given = {k: v for k, v in options.items() if ctx.get_parameter_source(k) is ParameterSource.COMMANDLINE}
     folds, fold_seed = given.pop("folds", None), given.pop("fold_seed", None)
-    shared, members = {}, None
+    shared, members, distill = {}, None, None
     if zoo_file:
+        distill = read_distill_table(zoo_file)
         if given.get("weights"):
             raise click.UsageError("--weights with --zoo: give each member its weights in the zoo file (weights = FILE)")
         members, shared = read_zoo_file(zoo_file)
@@ -69,9 +74,11 @@ def run_command(ctx, data, out, backbones, zoo_file, max_latency, cv, latency_re
         members = parse_backbones(backbones, given.pop("weights", None))
     elif given.get("weights"):
         raise click.UsageError("--weights needs --backbones NAME (the backbone those weights are for)")
+    if distill_backbone:  # the command line names the student; the zoo file's [distill] table may still set the rest
+        distill = {**(distill or {}), "backbone": distill_backbone}
     result = run_zoo(data, out, members, shared=shared, given=given, folds=folds, fold_seed=fold_seed, cv=cv,
                      max_latency=max_latency, latency_repeats=latency_repeats, latency_backend=latency_backend,
-                     log=lambda m: click.echo(m, err=True), time_limit=time_limit)
+                     log=lambda m: click.echo(m, err=True), time_limit=time_limit, distill=distill)
     if result.status != "finished":
         raise click.ClickException(f"stopped before the end; run the same command again to continue ({out})")
     click.echo(result.summary)

@@ -71,6 +71,8 @@ class ZooRun:
     test_table: Any = None  # ensemble.score.ScoreTable of test/ when it is labelled and not the holdout (stage 4)
     holdout_table: Any = None  # the same on the holdout (stage 5)
     latency: list[dict] = field(default_factory=list)  # per member (stage 5)
+    distill: dict[str, Any] | None = None  # the student to distil the ensemble into (backbone, weights, options), or None
+    student: Any = None  # zoo.pipeline.leaderboard.LeaderRow of the student (stage 5, with distill)
 
     @property
     def names(self) -> list[str]:
