@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+from click.core import ParameterSource
 
 from zoo.cli.options import config_options
 from zoo.pipeline.distill import DEFAULTS, TEACHERS
@@ -25,7 +26,8 @@ from zoo.pipeline.distill import DEFAULTS, TEACHERS
 @click.option("--unlabeled", multiple=True, type=click.Path(), help="folder of images without labels to distil on as well "
               "(repeatable; never the dataset's holdout)")
 @config_options
-def distill_command(ensemble, data, student, out, alpha, temperature, views, teacher, unlabeled, resume, **options):
+@click.pass_context
+def distill_command(ctx, ensemble, data, student, out, alpha, temperature, views, teacher, unlabeled, resume, **options):
     """Distil an ensemble into one model: train a student on the ensemble's calibrated probabilities.
 
     The teacher's outputs are computed once for VIEWS views of every training image (and of the
@@ -47,9 +49,11 @@ def distill_command(ensemble, data, student, out, alpha, temperature, views, tea
     if not resume and (not ensemble or not student):
         raise click.UsageError("ENSEMBLE and --student are required, e.g. `zoo distill ens.json --data DIR --student "
                                "tf_efficientnet_lite0 --out RUN` (or --resume --out RUN)")
-    if resume and (ensemble or student or data or unlabeled):
-        raise click.UsageError("--resume continues the student in --out with its own ensemble, data and student; "
-                               "drop ENSEMBLE, --data, --student and --unlabeled")
+    given = [f"--{name}" for name in ("alpha", "temperature", "views", "teacher")
+             if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE]
+    if resume and (ensemble or student or data or unlabeled or given):
+        raise click.UsageError("--resume continues the student in --out with its own ensemble, data, student and teacher "
+                               "settings; drop ENSEMBLE, --data, --student, --unlabeled" + "".join(f", {g}" for g in given))
     result = distill(ensemble, data, student, out, alpha=alpha, temperature=temperature, views=views, teacher=teacher,
                      unlabeled=unlabeled, resume=resume, **options)
     click.echo(result.summary)
