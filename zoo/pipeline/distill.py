@@ -113,7 +113,7 @@ def distill(ensemble: str | os.PathLike, data: str | os.PathLike | None, student
             samples = _readable(dataset.split("train") + extra, log)
             log(f"teacher: {len(ens.members)} member(s) of {where}, {teacher} fold models, {views} view(s) of "
                 f"{len(samples)} image(s) ({sum(s.label < 0 for s in samples)} unlabeled)")
-            log_probs = teacher_log_probs(ens, runs, samples, spec, teacher, device=cfg.device,
+            log_probs = teacher_log_probs(ens, runs, samples, spec, teacher, device=cfg.device, threads=cfg.threads,
                                           batch_size=teacher_batch_size, log=log, progress=progress)
             _log_teacher_scores(log_probs, samples, log)
             targets = write_teacher_targets(run, samples, log_probs, spec, key)
@@ -243,12 +243,16 @@ def member_view_log_probs(run: str | os.PathLike, samples: Sequence[Sample], spe
 
 
 def teacher_log_probs(ens: Ensemble, runs: Sequence[Path], samples: Sequence[Sample], spec, teacher: str, *,
-                      device: str | None = None, batch_size: int = 64, log=None, progress: bool | None = None) -> np.ndarray:
+                      device: str | None = None, threads: int | None = None, batch_size: int = 64, log=None,
+                      progress: bool | None = None) -> np.ndarray:
     """The ensemble's log-probabilities [N, V, C] for every view of every sample (``runs``: its members' run
-    directories, in ``ens.members`` order), with the file's temperatures, weights and combine rule."""
+    directories, in ``ens.members`` order), with the file's temperatures, weights and combine rule. ``threads``:
+    torch's CPU threads (default: the measured CPU budget, ``zoo.cpu``)."""
     from finetune.engine import resolve_hardware
+    from zoo.cpu import apply_budget, cpu_budget
 
     hardware = resolve_hardware(device, None, None)
+    apply_budget(cpu_budget(threads, 0, hardware.device.type))
     members = [member_view_log_probs(r, samples, spec, teacher, hardware, batch_size, log, progress) for r in runs]
     return np.stack([ens.predict_log_proba([m[:, view] for m in members]) for view in range(spec.count)], 1).astype(np.float32)
 
