@@ -31,6 +31,12 @@ ROWS = {  # name: (holdout prediction file under OUT, runs timed for latency, st
     "student-oof": ("student-oof/predictions/val.safetensors", ["student-oof"], ["student-oof"],
                     "lite0 distilled, out-of-fold teacher"),
     "student-all": ("student-all/predictions/val.safetensors", ["student-all"], ["student-all"], "lite0 distilled, all-fold teacher"),
+    # Controls (run by hand beside the script, reusing student-oof's cached teacher targets): the same schedule on
+    # the same views with the hard labels alone (--alpha 1), and the out-of-fold student trained twice as long.
+    "student-hard": ("student-hard/predictions/val.safetensors", ["student-hard"], ["student-hard"],
+                     "control: the same lite0 run on labels alone (--alpha 1)"),
+    "student-oof-long": ("student-oof-long/predictions/val.safetensors", ["student-oof-long"], ["student-oof-long"],
+                         "lite0 distilled, out-of-fold teacher, longer"),
 }
 
 
@@ -47,7 +53,6 @@ def main(out: Path) -> None:
     print("|---|---|---|---|---|---|---|")
     for name, (path, timed, steps, how) in ROWS.items():
         if not (out / path).is_file():
-            print(f"| {name} | {how} | not run | | | | |")
             continue
         preds = read_predictions(out / path)
         loss, acc = log_loss_and_accuracy(preds.logits, preds.labels)
