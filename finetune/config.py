@@ -105,6 +105,10 @@ class FinetuneConfig:
                                     "(--head-init probe: at least 2)")
     head_init: str = option("random", "how the new head starts before fine-tuning", choices=HEAD_INITS)
 
+    # Distillation (``zoo distill``; finetune/views.py): set by the pipeline, recorded in config.json.
+    distill: dict | None = option(None, "a distillation's student: alpha (weight of the hard labels), temperature, views, "
+                                        "teacher mode, the ensemble file and its sha256, the unlabeled folders", cli=False)
+
     # Cross-fitting: K fold models whose out-of-fold predictions the ensemble is fitted on.
     folds: int | None = option(None, "cross-fit: train K fold models, fold i held out of model i's training and used to pick "
                                      "its epoch; writes out-of-fold predictions of every pool image (K >= 2)")
@@ -232,6 +236,8 @@ class FinetuneConfig:
         if self.linear_probe and self.resume:
             raise UserInputError("--linear-probe runs have no resume state (they take seconds): run the command again "
                                  "with another --out")
+        if self.distill is not None:
+            self._check_distill()
         if self.pool not in POOLS:
             raise UserInputError(f"--pool must be one of {list(POOLS)}, got {self.pool!r}")
         if self.model_kwargs is not None:
@@ -250,6 +256,22 @@ class FinetuneConfig:
         if not self.backbone:
             raise UserInputError("a backbone name is required, e.g. `zoo finetune resnet50 --data DIR --out RUN`")
         return self
+
+    def _check_distill(self) -> None:
+        from zoo.errors import UserInputError
+
+        d = self.distill
+        if not isinstance(d.get("alpha"), (int, float)) or not 0 <= d["alpha"] <= 1:
+            raise UserInputError(f"--alpha must be in [0, 1] (the hard labels' weight), got {d.get('alpha')!r}")
+        if not isinstance(d.get("temperature"), (int, float)) or not d["temperature"] > 0:
+            raise UserInputError(f"--temperature must be a positive number, got {d.get('temperature')!r}")
+        if not isinstance(d.get("views"), int) or d["views"] < 1:
+            raise UserInputError(f"--views must be 1 or more (view 0 is the centre crop), got {d.get('views')!r}")
+        for bad, name in ((self.mixup > 0 or self.cutmix > 0, "--mixup/--cutmix"), (self.balance == "sampler", "--balance sampler"),
+                          (self.folds is not None, "--folds"), (self.linear_probe, "--linear-probe"), (self.snapshots, "--snapshots")):
+            if bad:
+                raise UserInputError(f"{name} does not go with distillation (a student trains on its teacher's outputs for "
+                                     "fixed views of each image, for a fixed schedule); drop it")
 
     def _check_types(self) -> None:
         """Each value has its field's type (a zoo file or the Python API can pass anything; click already checks)."""

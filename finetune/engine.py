@@ -50,6 +50,27 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, class_weight
     return (per_sample * w).sum() / w.sum()
 
 
+def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_log_probs: torch.Tensor, hard_targets: torch.Tensor,
+                      *, alpha: float, temperature: float, class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``alpha`` x the hard-label loss + (1 - ``alpha``) x T^2 x KL(teacher at T || student at T), T = ``temperature``.
+
+    The hard-label loss is the plain fine-tuning loss (``soft_cross_entropy`` of ``hard_targets``: the smoothed
+    one-hot labels) over the labelled rows (``labels`` >= 0; unlabelled images have the teacher's term alone);
+    alpha = 1 is exactly that loss. The teacher's log-probabilities and the student's logits are both divided by
+    T before the softmax, and T^2 keeps the soft term's gradients at the scale of the hard one (Hinton et al. 2015).
+    """
+    labelled = labels >= 0
+    everyone = bool(labelled.all())
+    hard = soft_cross_entropy(logits if everyone else logits[labelled], hard_targets if everyone else hard_targets[labelled],
+                              class_weights) if bool(labelled.any()) else logits.new_zeros(())
+    if alpha == 1:
+        return hard
+    teacher = F.log_softmax(teacher_log_probs.float() / temperature, dim=1)
+    student = F.log_softmax(logits.float() / temperature, dim=1)
+    soft = F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature ** 2
+    return alpha * hard + (1 - alpha) * soft if alpha > 0 else soft
+
+
 def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
     off = smoothing / num_classes
     return torch.full((labels.shape[0], num_classes), off, device=labels.device).scatter_(
@@ -90,6 +111,8 @@ class Trainer:
     clip_grad: float | None = None
     ema: object | None = None  # timm.utils.ModelEmaV3
     num_updates: int = 0
+    # Distillation (soft targets in the batches): (alpha, temperature) of ``distillation_loss``. None: plain fine-tuning.
+    distill: tuple[float, float] | None = None
     # Distributed: element-wise max of small int flags over ranks (Dist.max), called once per step so
     # that every rank stops, or reports a diverged loss, at the same step. None: one process.
     sync_flags: Callable[[list[int]], list[int]] | None = None
@@ -101,9 +124,17 @@ class Trainer:
     def _targets(self, images, labels):
         if self.mixup is not None:
             return self.mixup(images, labels)
-        return images, smooth_one_hot(labels, self.num_classes, self.label_smoothing)
+        return images, smooth_one_hot(labels.clamp_min(0), self.num_classes, self.label_smoothing)  # -1: unlabelled, unused
 
-    def _backward(self, images, labels, step_batches: int):
+    def loss(self, logits, labels, targets, teacher=None) -> torch.Tensor:
+        """The training loss of one batch: the fine-tuning loss, or with ``teacher`` (log-probabilities) the distillation loss."""
+        if teacher is None:
+            return soft_cross_entropy(logits, targets, self.class_weights)
+        alpha, temperature = self.distill
+        return distillation_loss(logits, labels, teacher.to(logits.device), targets, alpha=alpha, temperature=temperature,
+                                 class_weights=self.class_weights)
+
+    def _backward(self, images, labels, step_batches: int, teacher=None):
         """Forward one batch and add its share (1/``step_batches``) of the step's gradient, through the grad scaler."""
         hw = self.hardware
         images = images.to(hw.device, non_blocking=True)
@@ -113,7 +144,7 @@ class Trainer:
         images, targets = self._targets(images, labels)
         with hw.autocast():
             logits = self.model(images)
-        loss = soft_cross_entropy(logits, targets, self.class_weights)
+        loss = self.loss(logits, labels, targets, teacher)
         self.scaler.scale(loss / step_batches).backward()
         return logits, labels, loss
 
@@ -132,9 +163,9 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(getattr(self.model, "module", self.model), step=self.num_updates)
 
-    def train_step(self, images, labels) -> float:
+    def train_step(self, images, labels, teacher=None) -> float:
         """One update on one batch, exactly as a step of ``train_epoch`` (lr-find's step); returns its loss."""
-        _, _, loss = self._backward(images, labels, 1)
+        _, _, loss = self._backward(images, labels, 1, teacher)
         self._update()
         return loss.item()
 
@@ -160,18 +191,18 @@ class Trainer:
         opt.zero_grad(set_to_none=True)
         iterator = iter(batches)
         for _ in range(done.batches):
-            indices.append(_as_index(next(iterator)[2]))
+            indices.append(_as_index(next(iterator)[2]))  # (images, labels, index[, teacher])
         if resume_from is not None and resume_from.rng is not None:
             set_rng_state(resume_from.rng)
         i = done.batches - 1
-        for i, (images, labels, index) in enumerate(iterator, start=done.batches):
+        for i, (images, labels, index, *teacher) in enumerate(iterator, start=done.batches):
             indices.append(_as_index(index))
             last_of_step = (i + 1) % self.accum_steps == 0 or i + 1 == n_batches
             if ddp is not None:  # all-reduce gradients on a step's last batch only
                 ddp.require_backward_grad_sync = last_of_step
             # The mean over this step's batches: the epoch's last step may gather fewer than accum_steps.
             step_batches = min(self.accum_steps, n_batches - (i // self.accum_steps) * self.accum_steps)
-            logits, labels, loss = self._backward(images, labels, step_batches)
+            logits, labels, loss = self._backward(images, labels, step_batches, *teacher)
             if last_of_step:
                 self._update()
                 updates += 1

@@ -33,14 +33,15 @@ def eval_transform(data_config: dict[str, Any], crop_pct: float | None = None):
 
 
 def _collate(batch):
-    images, labels, index = zip(*batch)
-    return torch.stack(images), torch.as_tensor(labels, dtype=torch.long), torch.as_tensor(index, dtype=torch.long)
+    images, labels, index, *targets = zip(*batch)  # targets: a distillation's teacher rows (finetune.views.ViewDataset)
+    return (torch.stack(images), torch.as_tensor(labels, dtype=torch.long), torch.as_tensor(index, dtype=torch.long),
+            *(torch.stack(t) for t in targets))
 
 
 def train_loader(samples: Sequence[Sample], transform, *, batch_size: int, workers: int, generator: torch.Generator,
                  num_classes: int, balanced: bool, drop_last: bool, pin_memory: bool,
                  shard: tuple[int, int] | None = None, seed: int = 0, epoch: int = 0,
-                 images: Callable[[int], Any] | None = None) -> DataLoader:
+                 images: Callable[[int], Any] | None = None, dataset=None) -> DataLoader:
     """Shuffled loader whose order and augmentation are fixed by ``generator``'s seed.
 
     Workers are not persistent: each epoch's workers take their seeds from that epoch's
@@ -51,8 +52,10 @@ def train_loader(samples: Sequence[Sample], transform, *, batch_size: int, worke
     with the remainder dropped so every rank runs the same number of steps.
 
     ``images``: where sample i's image comes from (``ImageSources.train``); default: its file, decoded.
+    ``dataset``: the map dataset over ``samples`` to load instead of ``ImageDataset(samples, transform, images)``
+    (a distillation's ``finetune.views.ViewDataset``).
     """
-    dataset = ImageDataset(samples, transform, images)
+    dataset = dataset if dataset is not None else ImageDataset(samples, transform, images)
     sampler = None
     if shard is not None:
         if balanced:

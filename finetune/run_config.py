@@ -52,6 +52,7 @@ def run_config(cfg: FinetuneConfig, dataset: Dataset, dcfg: dict, model: torch.n
         "hardware": hardware.describe(), "world_size": world, "effective_batch_size": effective_batch, "lr": lr,
         "distributed": {"world_size": world, "backend": dist.backend or None, "sync_bn": bool(cfg.sync_bn and dist.enabled)},
         "updates_per_epoch": updates_per_epoch, "cpu_budget": budget.to_dict(),
+        **({"distill": cfg.distill} if cfg.distill else {}),  # a student's teacher: ensemble file and hash, views, alpha, T
         "versions": {"zoo": zoo.__version__, "torch": torch.__version__, "timm": timm.__version__,
                      "python": platform.python_version()},
     }

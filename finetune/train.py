@@ -36,6 +36,7 @@ from finetune.lpft import init_head_from_probe
 from finetune.optim import create_schedule, current_rates, prepare_training
 from finetune.report import format_report, plot_metrics, write_metrics
 from finetune.run_config import run_config, start_model
+from finetune.views import SoftTargets, ViewDataset, ViewRenderer, cycling_views
 from zoo import atomic
 from zoo.cpu import CpuBudget, apply_budget, cpu_budget
 from zoo.data import Dataset, read_dataset, read_listing
@@ -166,7 +167,7 @@ def _epoch_progress(epoch: int, epochs: int, batches: int, enabled: bool | None)
 
 def finetune(cfg: FinetuneConfig, *, log=stderr_log, progress: bool | None = None,
              stop_after_epoch: int | None = None, tracking: Tracking | None = None,
-             time_budget: TimeBudget | None = None) -> FinetuneResult:
+             time_budget: TimeBudget | None = None, soft_targets: SoftTargets | None = None) -> FinetuneResult:
     """Fine-tune ``cfg.backbone`` on ``cfg.data`` and write the run directory ``cfg.out``.
 
     Under torchrun (``RANK``/``WORLD_SIZE`` in the environment) every process runs this:
@@ -183,6 +184,11 @@ def finetune(cfg: FinetuneConfig, *, log=stderr_log, progress: bool | None = Non
     ``tracking`` (default: ``--mlflow`` as ``cfg`` says, nested under nothing) reports every epoch to
     TensorBoard and MLflow (``zoo.tracking``). ``time_budget``: an epoch that would not end within it
     (estimated from the first epoch) is not started; the run ends with its best epoch (``time-limit``).
+
+    ``soft_targets`` (with ``cfg.distill``: alpha, temperature) makes the run a distillation's student: it trains on
+    its train images and ``soft_targets.unlabeled``, each epoch on the views ``finetune.views.cycling_views`` picks,
+    with ``distillation_loss`` against the teacher's output for that very view, and keeps its last epoch (a fixed
+    schedule: nothing is chosen on the validation images, which are only scored).
     """
     run = RunDir(check_out_folder(cfg.out, "a zoo finetune run", is_finetune_run))
     if not cfg.resume:
@@ -199,7 +205,7 @@ def finetune(cfg: FinetuneConfig, *, log=stderr_log, progress: bool | None = Non
             for warning in cfg.warnings():
                 log(warning)
             return _train(cfg, run, resume_state, dist, log=log, progress=progress, stop_after_epoch=stop_after_epoch,
-                          tracking=tracking or Tracking(mlflow=cfg.mlflow), time_budget=time_budget)
+                          tracking=tracking or Tracking(mlflow=cfg.mlflow), time_budget=time_budget, soft_targets=soft_targets)
         finally:
             dist.cleanup()
 
@@ -230,8 +236,13 @@ def _start_or_resume(cfg: FinetuneConfig, run: RunDir) -> tuple[FinetuneConfig, 
 
 
 def _train(cfg: FinetuneConfig, run: RunDir, resume_state: dict | None, dist: Dist, *, log, progress: bool | None,
-           stop_after_epoch: int | None, tracking: Tracking, time_budget: TimeBudget | None) -> FinetuneResult:
+           stop_after_epoch: int | None, tracking: Tracking, time_budget: TimeBudget | None,
+           soft_targets: SoftTargets | None = None) -> FinetuneResult:
     world = dist.world_size
+    if bool(cfg.distill) != (soft_targets is not None):
+        raise UserInputError(f"{run.root}: a distillation's student trains on its teacher's targets: continue it with "
+                             f"`zoo distill --resume --out {run.root}`" if cfg.distill else
+                             "soft targets were given to a run without cfg.distill (alpha, temperature)")
     check_distributed_options(cfg, dist)
     hardware = resolve_hardware(str(dist.device) if dist.enabled else cfg.device, cfg.amp, cfg.channels_last)
     if hardware.device.type == "cpu":
@@ -251,9 +262,12 @@ def _train(cfg: FinetuneConfig, run: RunDir, resume_state: dict | None, dist: Di
     dataset = _read_data(cfg, log, dist, budget, show_progress)
     classes, num_classes = dataset.classes, len(dataset.classes)
     train_counts = dataset.class_counts("train")
+    train_samples = dataset.split("train") + (soft_targets.unlabeled if soft_targets is not None else [])
+    teacher_rows = soft_targets.rows_for(train_samples) if soft_targets is not None else None
     log(f"data: {len(dataset.split('train'))} train, {len(dataset.split('val'))} val"
         f"{' (split from train)' if dataset.val_source == 'from-train' else ''}, {num_classes} classes"
-        + (f"; {len(dataset.excluded)} left out (--exclude {cfg.exclude})" if dataset.excluded else ""))
+        + (f"; {len(dataset.excluded)} left out (--exclude {cfg.exclude})" if dataset.excluded else "")
+        + (f"; {len(soft_targets.unlabeled)} unlabeled" if soft_targets is not None and soft_targets.unlabeled else ""))
 
     # Model, its stage groups and its data config.
     model, _, start_hash, dcfg = start_model(cfg, num_classes)
@@ -282,11 +296,15 @@ def _train(cfg: FinetuneConfig, run: RunDir, resume_state: dict | None, dist: Di
     train_images = images.train(dataset.split("train"))  # once: filling the cache checks every file
 
     def make_train_loader(generator, epoch):
-        return loaders.train_loader(dataset.split("train"), train_tf, batch_size=cfg.batch_size, workers=workers,
+        views = None
+        if soft_targets is not None:  # the views the teacher saw, each with the teacher's output for it
+            views = ViewDataset(train_samples, ViewRenderer(dcfg, soft_targets.spec),
+                                cycling_views(soft_targets.spec.count, epoch), teacher_rows)
+        return loaders.train_loader(train_samples, train_tf, batch_size=cfg.batch_size, workers=workers,
                                     generator=generator, num_classes=num_classes, balanced=cfg.balance == "sampler",
                                     drop_last=mixup is not None, pin_memory=pin,
                                     shard=(dist.rank, world) if dist.enabled else None, seed=cfg.seed, epoch=epoch,
-                                    images=train_images)
+                                    images=train_images, dataset=views)
 
     # Validation is split across ranks (rank r takes samples r, r+W, ...) and gathered, so every rank
     # sees the same scores and takes the same best-epoch and early-stopping decisions.
@@ -301,7 +319,8 @@ def _train(cfg: FinetuneConfig, run: RunDir, resume_state: dict | None, dist: Di
     trainer = Trainer(model, optimizer, scheduler, hardware, num_classes, label_smoothing=cfg.label_smoothing,
                       class_weights=loaders.class_loss_weights(train_counts).to(hardware.device) if cfg.balance == "loss" else None,
                       mixup=mixup, accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad, ema=ema,
-                      sync_flags=dist.max if dist.enabled else None)
+                      sync_flags=dist.max if dist.enabled else None,
+                      distill=(cfg.distill["alpha"], cfg.distill["temperature"]) if cfg.distill else None)
 
     # Resume state, or a fresh run whose config is written before step 0.
     history: list[dict] = []
@@ -387,7 +406,7 @@ def _train(cfg: FinetuneConfig, run: RunDir, resume_state: dict | None, dist: Di
                 log(f"warning: {train['shard_overlap']} train image(s) were trained on by more than one process this epoch")
             history.append(row)
             tracker.log_epoch(epoch + 1, row)
-            improved = (val_loss < best["val_loss"]) if cfg.monitor == "loss" else \
+            improved = True if cfg.distill else (val_loss < best["val_loss"]) if cfg.monitor == "loss" else \
                 (val_acc > best["val_accuracy"] or (val_acc == best["val_accuracy"] and val_loss < best["val_loss"]))
             if improved:
                 best, bad_epochs = {"epoch": epoch + 1, "val_loss": val_loss, "val_accuracy": val_acc}, 0

@@ -64,6 +64,11 @@ class RunDir(Folder):
     def predictions(self, split: str = "val") -> Path:
         return self.predictions_dir / f"{split}.safetensors"
 
+    @property
+    def teacher_targets(self) -> Path:
+        """A distillation's student: its teacher's outputs for every view of every training image (``zoo distill``)."""
+        return self.root / "teacher_targets.safetensors"
+
     # Reports of the best epoch.
     @property
     def skipped_images(self) -> Path:
@@ -185,6 +190,10 @@ def is_finetune_run(folder: Path) -> bool:
     """A ``zoo finetune`` run (single, cross-fit, probe or fold) or the start of one: a config.json that zoo wrote,
     not merely a file of that name."""
     if _written_by_zoo(RunDir(folder).config):
+        return True
+    # A distillation's student whose teacher targets are written and whose training has not started yet.
+    if RunDir(folder).teacher_targets.is_file() and all(p == RunDir(folder).teacher_targets or _is_leftover(p)
+                                                        for p in folder.iterdir()):
         return True
     # A cross-fit whose `--fold I` processes started before any wrote the run's config.json: only fold folders.
     folds = [p for p in folder.iterdir() if p.is_dir() and re.fullmatch(r"fold-\d+", p.name)]

@@ -60,10 +60,11 @@ def main():
 
 def _register() -> None:
     # Imported here so that each module's commands attach to ``main`` once.
-    from zoo.cli import (clean_commands, ensemble_commands, export_commands, finetune_commands, run_commands,  # noqa: F401
-                         soup_commands)
+    from zoo.cli import (clean_commands, distill_commands, ensemble_commands, export_commands, finetune_commands,  # noqa: F401
+                         run_commands, soup_commands)
 
-    for module in (finetune_commands, ensemble_commands, clean_commands, soup_commands, export_commands, run_commands):
+    for module in (finetune_commands, ensemble_commands, clean_commands, soup_commands, export_commands, run_commands,
+                   distill_commands):
         for command in module.COMMANDS:
             main.add_command(command)
 

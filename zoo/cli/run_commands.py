@@ -44,10 +44,13 @@ _NOT_SHARED = ("resume", "fold", "val_from_train", "linear_probe", "probe_views"
               "(repeatable)")
 @click.option("--wait/--no-wait", default=True, help="Slurm: wait for the jobs (default), or return once they are "
               "submitted; the same command later collects them and runs the rest")
+@click.option("--distill", "distill_backbone", default=None, metavar="BACKBONE", help="after the ensemble, distil it into "
+              "this timm model (zoo distill's defaults; a zoo file's [distill] table sets its weights and options): a "
+              "\"student\" row in the leaderboard and report")
 @config_options
 @click.pass_context
 def run_command(ctx, data, out, backbones, zoo_file, max_latency, cv, latency_repeats, latency_backend, time_limit, launcher,
-                jobs, gpus_per_job, partition, cpus_per_job, time_min, slurm_extra, wait, **options):
+                jobs, gpus_per_job, partition, cpus_per_job, time_min, slurm_extra, wait, distill_backbone, **options):
     """Fine-tune a zoo of backbones, correlate them, fit and score the ensemble, and report.
 
     \b
@@ -72,14 +75,15 @@ def run_command(ctx, data, out, backbones, zoo_file, max_latency, cv, latency_re
     Hugging Face hub; offline, give weights in a zoo file).
     """
     from zoo.pipeline.run import run_zoo
-    from zoo.pipeline.zoo_file import parse_backbones, read_zoo_file
+    from zoo.pipeline.zoo_file import parse_backbones, read_distill_table, read_zoo_file
 
     if backbones and zoo_file:
         raise click.UsageError("pass --backbones or --zoo, not both")
     given = {k: v for k, v in options.items() if ctx.get_parameter_source(k) is ParameterSource.COMMANDLINE}
     folds, fold_seed = given.pop("folds", None), given.pop("fold_seed", None)
-    shared, members = {}, None
+    shared, members, distill = {}, None, None
     if zoo_file:
+        distill = read_distill_table(zoo_file)
         if given.get("weights"):
             raise click.UsageError("--weights with --zoo: give each member its weights in the zoo file (weights = FILE)")
         members, shared = read_zoo_file(zoo_file)
@@ -87,9 +91,11 @@ def run_command(ctx, data, out, backbones, zoo_file, max_latency, cv, latency_re
         members = parse_backbones(backbones, given.pop("weights", None))
     elif given.get("weights"):
         raise click.UsageError("--weights needs --backbones NAME (the backbone those weights are for)")
+    if distill_backbone:  # the command line names the student; the zoo file's [distill] table may still set the rest
+        distill = {**(distill or {}), "backbone": distill_backbone}
     result = run_zoo(data, out, members, shared=shared, given=given, folds=folds, fold_seed=fold_seed, cv=cv,
                      max_latency=max_latency, latency_repeats=latency_repeats, latency_backend=latency_backend,
-                     log=lambda m: click.echo(m, err=True), time_limit=time_limit,
+                     log=lambda m: click.echo(m, err=True), time_limit=time_limit, distill=distill,
                      launch=LaunchOptions(launcher, jobs if jobs is not None else (0 if launcher == "slurm" else 1),
                                           gpus_per_job, partition, cpus_per_job, time_min, parse_slurm_extra(slurm_extra), wait))
     if result.status == "submitted":

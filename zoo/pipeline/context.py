@@ -63,6 +63,7 @@ class ZooRun:
     time_budget: Any = None  # zoo.timelimit.TimeBudget of the training stage, or None
     clock: Callable[[], float] = time.monotonic  # what time budgets are measured on (tests move it)
     launch: Any = None  # zoo.pipeline.launch.LaunchOptions: how stage 1 runs its training jobs
+    distill: dict[str, Any] | None = None  # the student to distil the ensemble into (backbone, weights, options), or None
     # Filled by the stages, in order.
     select: list = field(default_factory=list)  # Predictions of the selection rows, aligned (stage 2)
     correlation: Any = None  # ensemble.diversity.CorrelationReport (stage 2)
@@ -72,6 +73,7 @@ class ZooRun:
     test_table: Any = None  # ensemble.score.ScoreTable of test/ when it is labelled and not the holdout (stage 4)
     holdout_table: Any = None  # the same on the holdout (stage 5)
     latency: list[dict] = field(default_factory=list)  # per member (stage 5)
+    student: Any = None  # zoo.pipeline.leaderboard.LeaderRow of the student (stage 5, with distill)
 
     @property
     def names(self) -> list[str]:

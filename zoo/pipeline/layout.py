@@ -63,6 +63,11 @@ class ZooRunDir(Folder):
         """Each member's measured latency, keyed by the model file it timed (a re-run times only what changed)."""
         return self.root / "latency.json"
 
+    @property
+    def student(self) -> RunDir:
+        """``--distill``: the ensemble distilled into one model (``zoo.pipeline.distill``), an ordinary run directory."""
+        return RunDir(self.root / "student")
+
     # Stage 6: the tables and the report.
     @property
     def leaderboard(self) -> Path:

@@ -60,7 +60,8 @@ def run_zoo(data: str | os.PathLike, out: str | os.PathLike, members: Sequence[M
             fold_seed: int | None = None, cv: int = 5, max_latency: float | None = None, latency_repeats: int = 5,
             latency_backend: str = "torch", title: str = "zoo run", log: Callable[[str], None] = print,
             stop_after_epoch: int | None = None, time_limit: float | str | None = None,
-            clock: Callable[[], float] = time.monotonic, launch: LaunchOptions | None = None) -> RunResult:
+            clock: Callable[[], float] = time.monotonic, launch: LaunchOptions | None = None,
+            distill: dict[str, Any] | None = None) -> RunResult:
     """Run every stage of a zoo into ``out``; see the module docstring.
 
     ``members``: the zoo (None: the default zoo for this device, printed); ``shared``: finetune options
@@ -76,6 +77,9 @@ def run_zoo(data: str | os.PathLike, out: str | os.PathLike, members: Sequence[M
     this machine or as a Slurm job array (default: one after another in this process); the later stages run here.
     ``--mlflow`` (in ``given``/``shared``) or ``MLFLOW_TRACKING_URI``: the run is an MLflow run and each
     member one nested under it; TensorBoard event files go to ``out/tb`` and each member's ``tb/``.
+    ``distill`` (``zoo_file.read_distill_table``'s dict: backbone, weights, options): after scoring, the fitted
+    ensemble is distilled into that student (``out/student``), scored on the holdout, timed, and added to the
+    leaderboard and the report as the row "student".
     """
     from zoo.data import read_listing
 
@@ -98,6 +102,7 @@ def run_zoo(data: str | os.PathLike, out: str | os.PathLike, members: Sequence[M
     run = ZooRun(data, layout, members, shared, given, folds, fold_seed, cv, max_latency, latency_repeats, latency_backend,
                  device, threads, title, log, listing, RunResult(layout.root, "finished"), start, tracking, None, budget,
                  clock, (launch or LaunchOptions()).validate())
+    run.distill = distill
     check_resources(run.launch, device)  # --jobs x --gpus-per-job must fit this machine, known before anything is written
     check_members(run)
     with hold_folder(layout.root):  # a second `zoo run` on this --out refuses while this one works
@@ -116,7 +121,8 @@ def _run_stages(run: ZooRun, stop_after_epoch: int | None) -> RunResult:
             run.result.seconds = time.perf_counter() - run.start
             run.tracker.close(stopped=True)
             return run.result
-        for stage in (correlate_members, fit_weights, find_label_issues, predict_untouched, score_and_time, write_tables):
+        for stage in (correlate_members, fit_weights, find_label_issues, predict_untouched, score_and_time, distill_student,
+                      write_tables):
             stage(run)
     return run.result
 
@@ -494,6 +500,43 @@ def score_and_time(run: ZooRun) -> None:
         write_score_table(run.layout.holdout_scores, run.holdout_table)
 
 
+def distill_student(run: ZooRun) -> None:
+    """Stage 5, with ``distill``: the fitted ensemble distilled into one student (``zoo.pipeline.distill``), trained on
+    the pool (out-of-fold teacher targets with cross-fitted members) for a fixed schedule, then scored on the holdout
+    and timed like a member. A finished student is kept; an interrupted one continues."""
+    if not run.distill:
+        return
+    from zoo.pipeline.distill import distill
+    from zoo.pipeline.leaderboard import measure_latency
+
+    spec, student = dict(run.distill), run.layout.student
+    options = {k: v for k, v in {**run.shared, **run.given}.items() if k in ("threads", "workers", "device", "cache", "seed")}
+    options.update(spec.pop("options", {}))
+    backbone = spec.pop("backbone")
+    run.log(f"distilling the ensemble into {backbone} -> {student.root}")
+    if not student.result.is_file():
+        quiet = lambda m: run.log(f"  {m}") if m.startswith(_SHOWN + ("teacher",)) else None  # noqa: E731
+        if student.resume_state.is_file():
+            distill(None, None, None, student.root, resume=True, log=quiet, **{k: v for k, v in options.items()
+                                                                                 if k in ("threads", "workers", "device")})
+        else:
+            distill(run.layout.ensemble, run.data, backbone, student.root, log=quiet, **spec, **options)
+    holdout = None
+    if run.holdout_split:
+        from finetune.inference import predict_run
+
+        preds = _cached_predictions(student.predictions("holdout"),
+                                    lambda: predict_run(student.root, run.data, split=run.holdout_split, **run.predict_options))
+        if (preds.labels >= 0).all():
+            from ensemble.metrics import score_table_from_log_probs
+
+            holdout = score_table_from_log_probs(preds.log_probabilities(), preds.labels)
+    timed = measure_latency(student.root, repeats=run.latency_repeats, device=run.device, threads=run.threads,
+                            backend=run.latency_backend)
+    run.student = LeaderRow("student", "student", f"{backbone} distilled", timed["params"], timed["ms_per_image_batch1"],
+                            timed["ms_per_image_batch64"], {}, holdout, None)
+
+
 # ---------------------------------------------------------------------------------------
 # Stage 6: the tables, the summary and the report.
 
@@ -527,6 +570,8 @@ def leaderboard_rows(run: ZooRun) -> list[LeaderRow]:
     kept = [run.names.index(n) for n in weights]
     rows.append(LeaderRow("fitted ensemble", "ensemble", f"{ens.method}, {len(kept)} members", *cost(kept),
                           {k: cv_scores.get(k) for k in ("accuracy", "log_loss", "ece")}, hold("ensemble"), None))
+    if run.student is not None:  # trained on every pool image: no selection-row score of its own, the holdout alone
+        rows.append(run.student)
     return rows
 
 

