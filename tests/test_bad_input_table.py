@@ -83,6 +83,10 @@ def world(tmp_path_factory) -> Path:
         "stacking_without_coef": {"method": "stacking"}, "options_list": {"options": [1, 2]},
     }
     (ens / "good.json").write_text(json.dumps(good))
+    # Ensembles of the data's classes for zoo distill: members whose runs have no weights, and members whose runs are gone.
+    for name, run_dir in (("data_classes", root / "no_weights"), ("gone_runs", root / "gone_run")):
+        members_at = [{**m, "run": str(run_dir)} for m in good["members"]]
+        (ens / f"{name}.json").write_text(json.dumps({**good, "classes": ["ant", "bee", "cat"], "members": members_at}))
     for name, change in bad_ensembles.items():
         (ens / f"{name}.json").write_text(json.dumps({**good, **change}))
     (ens / "not_json.json").write_text("{")
@@ -123,6 +127,7 @@ FT = ["finetune", "test_resnet", "--data", "{data}", "--out", "{out}", *TINY]
 RUN = ["run", "{data}", "--out", "{out}", "--backbones", "test_resnet,test_efficientnet", *TINY]
 LR = ["lr-find", "test_resnet", "--data", "{data}", "--no-pretrained", "--out", "{out}/lr.png"]
 P = "{world}/preds/"
+DISTILL = ["distill", "--data", "{data}", "--student", "test_resnet", "--out", "{out}", *TINY]
 E = "{world}/ens/"
 Z = "{world}/zoo/"
 
@@ -248,6 +253,18 @@ ROWS: list[tuple[list[str], str]] = [
     (["label-issues", "{world}/no_weights"], "no_weights"),
     (["label-issues", E + "hot.json"], "hot.json"),
     (["label-issues", "{world}/nowhere"], "nowhere"),
+    # Distillation.
+    *[([*DISTILL[:1], ensemble, *DISTILL[1:]], word) for ensemble, word in (
+        (E + "good.json", "differ from"), (E + "gone_runs.json", "gone_run"), (E + "hot.json", "hot.json"), ("{world}/nowhere.json", "nowhere.json"),
+        (E + "not_json.json", "not_json.json"), (P + "good1.safetensors", "good1.safetensors"))],
+    ([*DISTILL[:1], E + "data_classes.json", *DISTILL[1:], "--alpha", "1.5"], "--alpha"),
+    ([*DISTILL[:1], E + "data_classes.json", *DISTILL[1:], "--temperature", "0"], "--temperature"),
+    ([*DISTILL[:1], E + "data_classes.json", *DISTILL[1:], "--unlabeled", "{data}/val"], "holdout"),
+    ([*DISTILL[:1], E + "data_classes.json", *DISTILL[1:], "--unlabeled", "{world}/nowhere"], "nowhere"),
+    (["distill", E + "data_classes.json", "--data", "{data}", "--student", "no_such_net", "--out", "{out}", *TINY], "no_such_net"),
+    (["distill", E + "data_classes.json", "--data", "{data}", "--student", "test_resnet", "--out", "{world}/users", *TINY], "users"),
+    (["distill", E + "data_classes.json", "--data", "{data}", "--out", "{out}", *TINY], "--student"),
+    (["distill", "--resume", "--out", "{world}/not_a_run"], "not_a_run"),
 ]
 
 

@@ -97,7 +97,7 @@ def distill(ensemble: str | os.PathLike, data: str | os.PathLike | None, student
     if ens.classes != dataset.classes:
         raise UserInputError(f"{where}: the ensemble's classes {ens.classes} differ from {cfg.data}'s {dataset.classes}; "
                              "distil an ensemble fitted on this dataset")
-    runs = check_member_runs(ens.members, ens.classes, where)
+    runs = check_member_runs(ens.members, ens.classes, where, instead="the teacher needs every member's fold models")
     extra = unlabeled_samples(unlabeled, dataset)
     from finetune.views import ViewSpec
 

@@ -266,7 +266,7 @@ def export_ensemble(ensemble_file: str | os.PathLike, out: str | os.PathLike,
         raise UserInputError(f"{where}: a stacking ensemble is not exported (its logistic-regression combiner is fitted on "
                              "the members' stacked outputs); fit it with --method slsqp, greedy or random to export it")
     ens = ens.without_zero_weights()
-    runs = check_member_runs(ens.members, ens.classes, where)
+    runs = check_member_runs(ens.members, ens.classes, where, instead="an export needs every member's model")
     modules, specs, feeds, files, members = [], [], [], [Path(ensemble_file)], []
     for m, run in zip(ens.members, runs):
         if log is not None:

@@ -22,23 +22,30 @@ from zoo.predictions import Predictions
 from zoo.rundir import RunDir
 
 
-def member_run_dir(member: Member, where: str) -> Path:
+# The other way out when a member's run directory is not there: score and predict can take prediction files;
+# export and distill need the models themselves (they pass their own reason).
+USE_PREDICTION_FILES = "pass prediction files instead of --data"
+
+
+def member_run_dir(member: Member, where: str, instead: str = USE_PREDICTION_FILES) -> Path:
     """The member's run directory, refusing a missing one or one without a model."""
+    scores = instead == USE_PREDICTION_FILES  # a command that can work from prediction files says so
     if member.run is None:
-        raise UserInputError(f"{where}: member {member.name!r} was fitted from a prediction file with no run directory; "
-                             "pass its prediction files instead of --data")
+        fix = "pass its prediction files instead of --data" if scores else f"fit the ensemble on run directories: {instead}"
+        raise UserInputError(f"{where}: member {member.name!r} was fitted from a prediction file with no run directory; {fix}")
     run = RunDir(member.run)
     if not run.is_run():
         raise UserInputError(f"{where}: member {member.name!r}: run directory {member.run} is missing (or has no config.json); "
-                             "restore it, or pass prediction files instead of --data")
+                             + (f"restore it, or {instead}" if scores else f"restore it: {instead}"))
     return run.root
 
 
-def check_member_runs(members: Sequence[Member], classes: list[str], where: str) -> list[Path]:
+def check_member_runs(members: Sequence[Member], classes: list[str], where: str,
+                      instead: str = USE_PREDICTION_FILES) -> list[Path]:
     """Every member's run directory, and refuse runs trained on other classes, before any inference."""
     runs = []
     for m in members:
-        run = member_run_dir(m, where)
+        run = member_run_dir(m, where, instead)
         run_classes = RunDir(run).read_config().get("classes")
         if run_classes != classes:
             raise UserInputError(f"{RunDir(run).config}: classes {run_classes} differ from {where}'s {classes}; "
