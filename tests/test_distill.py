@@ -205,6 +205,23 @@ def test_the_student_is_an_ordinary_run(members, tmp_path):
     assert preds.logits.shape == (12, 3) and preds.backbone == "test_resnet"
 
 
+def test_the_student_exports_to_onnx_with_its_predictions(members, tmp_path):
+    """A student ships as one ONNX graph (zoo export takes it like any run): the same probabilities as zoo's."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from finetune.inference import predict_run
+    from zoo.onnx_predict import predict_onnx
+    from zoo.pipeline.export import export
+
+    root, data, _ = members
+    _distil(members, tmp_path / "s", epochs=1, views=1)
+    result = export(tmp_path / "s", tmp_path / "student.onnx")
+    assert result.kind == "member" and result.max_difference <= 1e-4
+    got, reference = predict_onnx(result.path, data, split="val", threads=1), predict_run(tmp_path / "s", data, split="val", threads=1)
+    assert got.ids == reference.ids
+    np.testing.assert_allclose(got.probabilities(), reference.probabilities(), rtol=0, atol=1e-4)
+
+
 def _other_classes(members, tmp_path):
     from ensemble.file import read_ensemble, write_ensemble
 
