@@ -37,6 +37,8 @@ ROWS = {  # name: (holdout prediction file under OUT, runs timed for latency, st
                      "control: the same lite0 run on labels alone (--alpha 1)"),
     "student-oof-long": ("student-oof-long/predictions/val.safetensors", ["student-oof-long"], ["student-oof-long"],
                          "lite0 distilled, out-of-fold teacher, longer"),
+    "student-chosen": ("student-chosen/predictions/val.safetensors", ["student-chosen"], ["student-chosen"],
+                       "lite0 distilled, out-of-fold teacher, recipe chosen on 20% of train/"),
 }
 
 
@@ -70,7 +72,23 @@ def main(out: Path) -> None:
         print(f"| {name} | {how} | {acc:.3f} | {loss:.4f} | {ms[0]:.1f} / {ms[1]:.1f} | {spent} | {vs} |")
 
 
+def choose(out: Path, candidates: list[str]) -> str:
+    """The candidate (OUT/select-I, trained with --val-from-train) whose last epoch has the lowest validation log loss:
+    the validation split is 20% of train/, so the choice never sees val/."""
+    def last_val_loss(i: str) -> float:
+        rows = (out / f"select-{i}" / "metrics.csv").read_text().splitlines()
+        return float(dict(zip(rows[0].split(","), rows[-1].split(",")))["val_loss"])
+
+    losses = {i: last_val_loss(i) for i in candidates}
+    print("  ".join(f"select-{i}: {v:.4f}" for i, v in losses.items()), file=sys.stderr)
+    return min(losses, key=losses.get)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python examples/distill_table.py OUT (the folder examples/distill_hymenoptera.sh wrote)")
-    main(Path(sys.argv[1]))
+    if len(sys.argv) > 3 and sys.argv[1] == "--choose":
+        print(choose(Path(sys.argv[2]), sys.argv[3:]))
+    elif len(sys.argv) == 2:
+        main(Path(sys.argv[1]))
+    else:
+        sys.exit("usage: python examples/distill_table.py OUT (the folder examples/distill_hymenoptera.sh wrote)\n"
+                 "       python examples/distill_table.py --choose OUT I... (the candidate select-I to train on all of train/)")
