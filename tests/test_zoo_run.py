@@ -206,8 +206,10 @@ def test_max_latency_picks_the_best_subset_within_the_budget():
 
 def test_max_latency_through_the_command(two, data, tmp_path):
     out, result = two
-    cheapest = min(result.subsets, key=lambda s: s.latency_ms)
-    budget = cheapest.latency_ms * 1.0001
+    # The re-run times the members again (one repeat, on a machine maybe busy): a budget at the cheapest subset's
+    # latency would pick by timing noise. A budget of ten times the slowest subset picks by scores alone, which the
+    # re-run shares with the first run (the same finished members); pick_under_budget's rule has its own test above.
+    budget = max(s.latency_ms for s in result.subsets) * 10
     zoo = tmp_path / "zoo.toml"
     zoo.write_text('[[member]]\nname = "resnet"\nbackbone = "test_resnet"\n\n'
                    '[[member]]\nname = "efficientnet"\nbackbone = "test_efficientnet"\n')

@@ -83,10 +83,10 @@ def run_command(ctx, data, out, backbones, zoo_file, max_latency, cv, latency_re
     folds, fold_seed = given.pop("folds", None), given.pop("fold_seed", None)
     shared, members, distill = {}, None, None
     if zoo_file:
-        distill = read_distill_table(zoo_file)
         if given.get("weights"):
             raise click.UsageError("--weights with --zoo: give each member its weights in the zoo file (weights = FILE)")
         members, shared = read_zoo_file(zoo_file)
+        distill = read_distill_table(zoo_file)
     elif backbones:
         members = parse_backbones(backbones, given.pop("weights", None))
     elif given.get("weights"):

@@ -114,6 +114,18 @@ def resolve_weights(value: str, base: Path, where: str) -> str:
     return found[0]
 
 
+def _read_toml(path: Path) -> dict[str, Any]:
+    """The zoo file's TOML document; unreadable or invalid TOML is one line naming the file."""
+    import tomllib
+
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UserInputError(f"{path}: cannot read the zoo file ({e.strerror})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserInputError(f"{path}: not valid TOML ({e})") from None
+
+
 def read_zoo_file(path: str | os.PathLike) -> tuple[list[MemberSpec], dict[str, Any]]:
     """Members and shared options of a zoo file (TOML)::
 
@@ -129,15 +141,8 @@ def read_zoo_file(path: str | os.PathLike) -> tuple[list[MemberSpec], dict[str, 
     ``exclude`` (ids to leave out, e.g. reviewed ``zoo label-issues`` output) goes in [defaults],
     relative to this file: every member must leave out the same images.
     """
-    import tomllib
-
     path = Path(path)
-    try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise UserInputError(f"{path}: cannot read the zoo file ({e.strerror})") from None
-    except tomllib.TOMLDecodeError as e:
-        raise UserInputError(f"{path}: not valid TOML ({e})") from None
+    doc = _read_toml(path)
     unknown = sorted(set(doc) - {"defaults", "member", "distill"})
     if unknown:
         raise UserInputError(f"{path}: unknown table(s) {unknown}; a zoo file has [defaults], [[member]] and [distill] tables")
@@ -190,10 +195,8 @@ def read_distill_table(path: str | os.PathLike) -> dict[str, Any] | None:
         views = 8                  # any `zoo distill` option: alpha, temperature, views, teacher, unlabeled
         epochs = 20                # and any `zoo finetune` option of the student
     """
-    import tomllib
-
     path = Path(path)
-    table = tomllib.loads(path.read_text(encoding="utf-8")).get("distill")
+    table = _read_toml(path).get("distill")
     if table is None:
         return None
     where = f"{path} [distill]"
