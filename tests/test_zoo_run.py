@@ -206,10 +206,11 @@ def test_max_latency_picks_the_best_subset_within_the_budget():
 
 def test_max_latency_through_the_command(two, data, tmp_path):
     out, result = two
-    # The re-run times the members again (one repeat, on a machine maybe busy): a budget at the cheapest subset's
-    # latency would pick by timing noise. A budget of ten times the slowest subset picks by scores alone, which the
-    # re-run shares with the first run (the same finished members); pick_under_budget's rule has its own test above.
-    budget = max(s.latency_ms for s in result.subsets) * 10
+    # The re-run times the members again, one repeat of a sub-millisecond pass on a machine that may be busy: any budget
+    # near the measured latencies picks by timing noise (a 10x spike was seen in CI). A budget no pass can reach picks
+    # by scores alone, which the re-run shares with the first run (the same finished members); the rule itself,
+    # latencies included, is pick_under_budget's test above.
+    budget = 1e6
     zoo = tmp_path / "zoo.toml"
     zoo.write_text('[[member]]\nname = "resnet"\nbackbone = "test_resnet"\n\n'
                    '[[member]]\nname = "efficientnet"\nbackbone = "test_efficientnet"\n')
@@ -218,7 +219,8 @@ def test_max_latency_through_the_command(two, data, tmp_path):
                                     "--cv", "2", "--latency-repeats", "1", "--max-latency", f"{budget:.6f}"])
     assert cli.exit_code == 0, cli.output
     picked = pick_under_budget(result.subsets, budget)
-    assert f"best subset within {budget:g} ms/image: {' + '.join(picked.members)}" in cli.output
+    said = [line for line in cli.output.splitlines() if line.startswith("best subset within")]
+    assert said and said[0].startswith(f"best subset within {budget:g} ms/image: {' + '.join(picked.members)} ("), said
     assert "finished earlier; skipped" in cli.output
 
 
