@@ -206,10 +206,10 @@ def test_max_latency_picks_the_best_subset_within_the_budget():
 
 def test_max_latency_through_the_command(two, data, tmp_path):
     out, result = two
-    # The re-run times the members again, one repeat of a sub-millisecond pass on a machine that may be busy: any budget
-    # near the measured latencies picks by timing noise (ten times the slowest subset still failed once in CI). A budget no pass can reach picks
-    # by scores alone, which the re-run shares with the first run (the same finished members); the rule itself,
-    # latencies included, is pick_under_budget's test above.
+    # The re-run times the members again, one repeat of a sub-millisecond pass on a machine that may be busy, so any
+    # budget near the measured latencies picks by timing noise (ten times the slowest subset still failed once in CI).
+    # A budget no pass can reach picks by scores alone, which the re-run shares with the first run (the same finished
+    # members); the rule itself, latencies included, is pick_under_budget's test above.
     budget = 1e6
     zoo = tmp_path / "zoo.toml"
     zoo.write_text('[[member]]\nname = "resnet"\nbackbone = "test_resnet"\n\n'
