@@ -12,7 +12,7 @@ Each job must take at least a minute for the ratio to mean anything: a job's pro
 and after each pair, since other work on the machine (another engineer's benchmark, say) takes cores from
 both sides alike only when it runs throughout.
 
-    python bench/bench_launch.py                          # CPU: about 16 minutes on 2 cores
+    python bench/bench_launch.py                          # CPU: about 15 minutes on 2 idle cores
     python bench/bench_launch.py --members 2 --epochs 2   # a smoke test
     python bench/bench_launch.py --gpu                    # one job per GPU (--gpus-per-job 1, --jobs = GPUs)
 
@@ -48,8 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--members", type=int, nargs="+", default=[2, 4], help="zoo sizes to time (at most 4)")
     p.add_argument("--folds", type=int, default=2)
     p.add_argument("--jobs", type=int, default=2, help="--launcher local --jobs (CPU)")
-    p.add_argument("--epochs", type=int, default=10, help="epochs per fold (the default makes each job take over a minute "
-                   "on one thread of this machine's cores)")
+    p.add_argument("--epochs", type=int, default=20, help="epochs per fold (the default makes each job take about a minute "
+                   "on one idle core of this project's machine)")
     p.add_argument("--images", type=int, default=48, help="generated train images per class (3 classes)")
     p.add_argument("--input-size", type=int, default=96)
     p.add_argument("--gpu", action="store_true", help="the GPU variant: --device cuda, one GPU per job")
