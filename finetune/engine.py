@@ -60,9 +60,8 @@ def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_log_pr
     T before the softmax, and T^2 keeps the soft term's gradients at the scale of the hard one (Hinton et al. 2015).
     """
     labelled = labels >= 0
-    everyone = bool(labelled.all())
-    hard = soft_cross_entropy(logits if everyone else logits[labelled], hard_targets if everyone else hard_targets[labelled],
-                              class_weights) if bool(labelled.any()) else logits.new_zeros(())
+    hard = soft_cross_entropy(logits[labelled], hard_targets[labelled], class_weights) if bool(labelled.any()) \
+        else logits.new_zeros(())
     if alpha == 1:
         return hard
     teacher = F.log_softmax(teacher_log_probs.float() / temperature, dim=1)

@@ -119,9 +119,12 @@ class FoldHeads(torch.nn.Module):
         self.register_buffer("weight", weight)
         self.register_buffer("bias", bias)
 
+    def fold_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, K, C]: the backbone once, each fold model's head on its features."""
+        return torch.einsum("bd,kcd->bkc", self.features(images).float(), self.weight.float()) + self.bias.float()
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.features(images)
-        return fold_mean_log_probability(torch.einsum("bd,kcd->bkc", features.float(), self.weight.float()) + self.bias.float())
+        return fold_mean_log_probability(self.fold_logits(images))
 
 
 def shared_backbone(model_runs: list[RunDir], device: torch.device | None = None) -> tuple[FoldHeads, dict] | None:

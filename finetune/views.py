@@ -23,7 +23,7 @@ import torchvision.transforms.functional as TF
 from timm.data.transforms import str_to_interp_mode
 
 from finetune import loaders
-from zoo.data import Sample, load_rgb
+from zoo.data import ImageDataset, Sample
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class ViewRenderer:
         return TF.normalize(TF.to_tensor(crop), self.mean, self.std)
 
 
-class ViewDataset:
+class ViewDataset(ImageDataset):
     """A map dataset of (rendered view, label, index[, target]): item ``i`` is sample ``i`` in view ``view_of(i)``.
 
     ``targets`` [N, V, C] (the teacher's log-probabilities per view), when given, adds the row of the very view
@@ -89,20 +89,13 @@ class ViewDataset:
 
     def __init__(self, samples: Sequence[Sample], renderer: ViewRenderer, view_of: Callable[[int], int],
                  targets: torch.Tensor | None = None, images: Callable[[int], Any] | None = None):
-        self.samples = list(samples)
-        self.renderer = renderer
+        super().__init__(samples, renderer, images)  # the renderer is the transform, given the view
         self.view_of = view_of
         self.targets = targets
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.samples)
 
     def __getitem__(self, index: int):
-        sample = self.samples[index]
-        view = self.view_of(index)
-        image = self.images(index) if self.images is not None else load_rgb(sample.path)
-        item = (self.renderer(image, sample.id, view), sample.label, index)
+        sample, view = self.samples[index], self.view_of(index)
+        item = (self.transform(self.image(index), sample.id, view), sample.label, index)
         return item if self.targets is None else item + (self.targets[index, view],)
 
 

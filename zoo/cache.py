@@ -36,7 +36,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from zoo import atomic
-from zoo.data import Sample
+from zoo.data import Sample, unreadable_reason
 from zoo.errors import UserInputError
 
 RAM = "ram"
@@ -233,10 +233,6 @@ class FillResult:
     refs: list[dict[str, Ref] | None]  # per sample: cap key -> ref (None for a bad image)
 
 
-def _why(error: Exception) -> str:
-    # The same words as zoo.data.check_image, so a skipped image reads the same with or without a cache.
-    text = str(error).splitlines()[0] if str(error) else ""
-    return f"{type(error).__name__}: {text}"[:200]
 
 
 def _decode(path: Path, caps: Sequence[ShortSideCap]) -> dict[str, np.ndarray] | str:
@@ -248,7 +244,7 @@ def _decode(path: Path, caps: Sequence[ShortSideCap]) -> dict[str, np.ndarray] |
             return "empty file (0 bytes)"
         image = data.load_rgb(path)
     except Exception as e:  # PIL raises many types for broken files; every one means skip
-        return _why(e)
+        return unreadable_reason(e)
     return {cap.key: np.asarray(cap.apply(image), dtype=np.uint8) for cap in caps}
 
 
@@ -265,7 +261,7 @@ def fill(store: RamStore | DirStore, samples: Sequence[Sample], caps: Sequence[S
             keys.append(content_key(s.path))
         except OSError as e:
             keys.append(None)
-            bad[i] = _why(e)
+            bad[i] = unreadable_reason(e)
     with store.filling():
         todo = [i for i, k in enumerate(keys) if k is not None and k not in store.bad
                 and any(f"{k}/{c.key}" not in store.refs for c in caps)]

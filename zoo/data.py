@@ -112,8 +112,13 @@ def check_image(path: Path) -> str | None:
         load_rgb(path)
         return None
     except Exception as e:  # PIL raises many types for broken files; every one means skip
-        text = str(e).splitlines()[0] if str(e) else ""
-        return f"{type(e).__name__}: {text}"[:200]
+        return unreadable_reason(e)
+
+
+def unreadable_reason(error: Exception) -> str:
+    """Why an image was skipped, in one short line: the same words wherever it was read (check, cache, ONNX)."""
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text}"[:200]
 
 
 def check_images(samples: Sequence[Sample], workers: int | None = None,
@@ -442,7 +447,9 @@ class ImageDataset:
     def __len__(self) -> int:
         return len(self.samples)
 
+    def image(self, index: int):
+        """Sample ``index``'s RGB image, from ``images`` or decoded from its file."""
+        return self.images(index) if self.images is not None else load_rgb(self.samples[index].path)
+
     def __getitem__(self, index: int):
-        sample = self.samples[index]
-        image = self.images(index) if self.images is not None else load_rgb(sample.path)
-        return self.transform(image), sample.label, index
+        return self.transform(self.image(index)), self.samples[index].label, index

@@ -11,6 +11,7 @@ or another dataset's file would otherwise change nothing, silently).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import os
 from pathlib import Path
@@ -72,5 +73,4 @@ def without_excluded(dataset: Dataset, path: str | os.PathLike | None, splits: t
         return dataset
     kept = {name: [s for s in samples if s.id not in drop] if name in splits else samples
             for name, samples in dataset.splits.items()}
-    return Dataset(root=dataset.root, kind=dataset.kind, classes=dataset.classes, splits=kept, val_source=dataset.val_source,
-                   skipped=dataset.skipped, warnings=dataset.warnings, excluded=sorted(drop))
+    return dataclasses.replace(dataset, splits=kept, excluded=sorted(drop))

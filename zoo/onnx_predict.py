@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from zoo.data import load_rgb, read_prediction_images
+from zoo.data import load_rgb, read_prediction_images, unreadable_reason
 from zoo.errors import UserInputError
 from zoo.predictions import Predictions
 
@@ -169,7 +169,7 @@ def _load(sample, specs) -> tuple[list[np.ndarray] | None, str | None]:
     try:
         image = load_rgb(sample.path)
     except Exception as e:  # PIL raises many types for broken files; every one means skip (as zoo.data.check_image)
-        return None, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"[:200]
+        return None, unreadable_reason(e)
     return [preprocess(image, spec) for spec in specs], None
 
 

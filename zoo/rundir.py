@@ -191,14 +191,14 @@ def is_finetune_run(folder: Path) -> bool:
     not merely a file of that name."""
     if _written_by_zoo(RunDir(folder).config):
         return True
+    entries, targets = list(folder.iterdir()), RunDir(folder).teacher_targets
     # A distillation's student whose teacher targets are written and whose training has not started yet.
-    if RunDir(folder).teacher_targets.is_file() and all(p == RunDir(folder).teacher_targets or _is_leftover(p)
-                                                        for p in folder.iterdir()):
+    if targets.is_file() and all(p == targets or _is_leftover(p) for p in entries):
         return True
     # A cross-fit whose `--fold I` processes started before any wrote the run's config.json: only fold folders.
-    folds = [p for p in folder.iterdir() if p.is_dir() and re.fullmatch(r"fold-\d+", p.name)]
+    folds = [p for p in entries if p.is_dir() and re.fullmatch(r"fold-\d+", p.name)]
     return (bool(folds) and all(_written_by_zoo(RunDir(p).config) or _only_zoo_leftovers(p) for p in folds)
-            and all(p in folds or _is_leftover(p) for p in folder.iterdir()))
+            and all(p in folds or _is_leftover(p) for p in entries))
 
 
 def _written_by_zoo(config: Path) -> bool:

@@ -99,7 +99,7 @@ class Tracker:
                 from zoo.progress import write
 
                 self.sinks.remove(sink)
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                first = _first_line(e)
                 write(f"warning: {sink.name} tracking stopped ({first}); training goes on, metrics.csv has every epoch")
 
     @property
@@ -197,7 +197,7 @@ class _MLflow:
             tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
             run = client.create_run(experiment_id, run_name=name, tags=tags)
         except MlflowException as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = _first_line(e)
             raise UserInputError(f"MLflow at {os.environ.get(MLFLOW_URI_ENV) or 'its default URI'}: {first}; "
                                  f"set {MLFLOW_URI_ENV} to a tracking server or database (e.g. http://host:5000)") from None
         state_file.parent.mkdir(parents=True, exist_ok=True)
@@ -228,3 +228,9 @@ class _MLflow:
 
 
 __all__ = ["Tracking", "Tracker", "tensorboard_installed", "mlflow_wanted", "TENSORBOARD_TAGS", "MLFLOW_URI_ENV"]
+
+
+def _first_line(error: Exception) -> str:
+    """An error's first line (its type's name when it says nothing), for a one-line message."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -15,7 +15,6 @@ without knowing of ensembles.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from zoo.errors import UserInputError
 from zoo.exclude import without_excluded
 from zoo.folds import read_folds
 from zoo.pipeline.member_inference import check_member_runs
+from zoo.predictions import log_loss_and_accuracy
 from zoo.progress import progress as progress_bar
 from zoo.progress import write as stderr_log
 from zoo.rundir import RunDir, check_out_folder, hold_folder, is_finetune_run
@@ -102,7 +102,7 @@ def distill(ensemble: str | os.PathLike, data: str | os.PathLike | None, student
     from finetune.views import ViewSpec
 
     spec = ViewSpec(views, cfg.seed, cfg.crop_scale, cfg.hflip)
-    cfg.distill.update(ensemble=str(Path(ensemble).resolve()), ensemble_sha256=_sha256(ensemble), views_spec=spec.to_dict(),
+    cfg.distill.update(ensemble=str(Path(ensemble).resolve()), ensemble_sha256=atomic.sha256_of_files([ensemble]), views_spec=spec.to_dict(),
                        unlabeled=[str(Path(u).resolve()) for u in unlabeled], unlabeled_images=len(extra),
                        members=[m.name for m in ens.members])
     key = {k: cfg.distill[k] for k in ("ensemble_sha256", "teacher", "views_spec", "unlabeled")}
@@ -128,8 +128,6 @@ def _result(run: RunDir, targets, result) -> DistillResult:
     return DistillResult(run, len(targets.ids), len(targets.unlabeled), result, summary)
 
 
-def _sha256(path: str | os.PathLike) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def unlabeled_samples(folders: Sequence[str | os.PathLike], dataset: Dataset) -> list[Sample]:
@@ -204,12 +202,8 @@ def member_view_log_probs(run: str | os.PathLike, samples: Sequence[Sample], spe
     mask = fold_masks(run_dir, samples, k, teacher)
     renderer = ViewRenderer(config["data_config"], spec)
     shared = shared_backbone(model_runs, hardware.device)
-    if shared is not None:
-        heads = shared[0]
-
-        def shared_pass():  # [B, K, C]: the backbone once, each fold model's head on its features
-            return lambda x: torch.einsum("bd,kcd->bkc", heads.features(x).float(), heads.weight.float()) + heads.bias.float()
-        passes = [(shared_pass, np.arange(n), list(range(k)))]
+    if shared is not None:  # [B, K, C] in one pass
+        passes = [(lambda: shared[0].fold_logits, np.arange(n), list(range(k)))]
     else:  # one fold model at a time (K need not fit in memory together), on the rows it teaches
         def fold_pass(r):
             model = load_run(r.root, hardware.device)[0]
@@ -235,11 +229,9 @@ def member_view_log_probs(run: str | os.PathLike, samples: Sequence[Sample], spe
                 log_probs[np.ix_(chunk, np.arange(v), columns)] = out
                 bar.update(len(chunk) * v)
     log_probs[~np.broadcast_to(mask[:, None, :, None], log_probs.shape)] = -np.inf
-    # The log of the mean probability over the teaching fold models (one of them: its own log-probability, exactly).
-    counts = mask.sum(1).astype(np.float32)[:, None, None]
-    top = log_probs.max(2, keepdims=True)
-    mean = np.log(np.exp(log_probs - top).sum(2)) + top[:, :, 0] - np.log(counts)
-    return np.where(counts == 1, log_probs.max(2), mean).astype(np.float32)
+    # The log of the mean probability over the teaching fold models: the others are -inf, which logaddexp ignores
+    # (one teaching model: its own log-probability, exactly).
+    return (np.logaddexp.reduce(log_probs, axis=2) - np.log(mask.sum(1))[:, None, None]).astype(np.float32)
 
 
 def teacher_log_probs(ens: Ensemble, runs: Sequence[Path], samples: Sequence[Sample], spec, teacher: str, *,
@@ -259,14 +251,11 @@ def teacher_log_probs(ens: Ensemble, runs: Sequence[Path], samples: Sequence[Sam
 
 def _log_teacher_scores(log_probs: np.ndarray, samples: Sequence[Sample], log) -> None:
     labels = np.array([s.label for s in samples])
-    known = labels >= 0
-    if known.any():
-        centre = log_probs[known, 0]
-        all_views = log_probs[known].reshape(-1, log_probs.shape[-1])
-        loss = lambda lp, y: float(-lp[np.arange(len(y)), y].mean())  # noqa: E731
-        log(f"teacher on the {int(known.sum())} labelled training images: centre view log loss "
-            f"{loss(centre, labels[known]):.4f}, accuracy {float((centre.argmax(1) == labels[known]).mean()):.4f}; "
-            f"all views log loss {loss(all_views, np.repeat(labels[known], log_probs.shape[1])):.4f}")
+    if (labels >= 0).any():  # log_loss_and_accuracy leaves the unlabelled rows out
+        centre_loss, centre_accuracy = log_loss_and_accuracy(log_probs[:, 0], labels)
+        all_views_loss, _ = log_loss_and_accuracy(log_probs.reshape(-1, log_probs.shape[-1]), np.repeat(labels, log_probs.shape[1]))
+        log(f"teacher on the {int((labels >= 0).sum())} labelled training images: centre view log loss "
+            f"{centre_loss:.4f}, accuracy {centre_accuracy:.4f}; all views log loss {all_views_loss:.4f}")
 
 
 # ----------------------------------------------------------------------------- the cache in the run directory

@@ -19,7 +19,6 @@ After writing, the file is run with onnxruntime on random pixels and compared wi
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import inspect
 import json
@@ -121,13 +120,6 @@ class ExportResult:
 # --------------------------------------------------------------------------- members
 
 
-def _sha256(paths: Sequence[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def member_module(run: str | os.PathLike, soup: bool = False) -> tuple[torch.nn.Module, dict, str, list[Path]]:
@@ -231,7 +223,7 @@ def export_module(module: torch.nn.Module, input_sizes: Sequence[Sequence[int]],
 def _metadata(kind: str, classes: list[str], inputs: list[dict], source: Path, files: Sequence[Path],
               **extra: Any) -> dict[str, str]:
     values = {"format": FORMAT_VERSION, "kind": kind, "classes": classes, "inputs": inputs, "output": OUTPUT,
-              "version": __version__, "source": str(source.resolve()), "source_sha256": _sha256(files), **extra}
+              "version": __version__, "source": str(source.resolve()), "source_sha256": atomic.sha256_of_files(files), **extra}
     return {PREFIX + k: v if isinstance(v, str) else json.dumps(v) for k, v in values.items()}
 
 
