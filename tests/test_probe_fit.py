@@ -10,7 +10,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.metrics import log_loss
-from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from finetune.probe import DEFAULT_CS, LinearProbe, ProbeConvergenceWarning
 from zoo.errors import UserInputError
@@ -37,7 +37,10 @@ def sklearn_probe(x, y, groups, Cs=DEFAULT_CS, cv=5, seed=0):
     scale[scale < 1e-12] = 1.0
     groups = np.arange(len(y)) if groups is None else groups
     folds = min(cv, min(len(np.unique(groups[y == c])) for c in np.unique(y)))  # as many as the rarest class allows
-    splits = list(StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(y, y, groups))
+    if len(np.unique(groups)) == len(y):  # a row per group: LinearProbe's splits are plain stratified folds
+        splits = list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(y, y))
+    else:
+        splits = list(StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(y, y, groups))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         model = LogisticRegressionCV(Cs=list(Cs), cv=splits, scoring="neg_log_loss", l1_ratios=(0.0,), max_iter=2000,
