@@ -264,6 +264,7 @@ def _train(cfg: FinetuneConfig, run: RunDir, resume_state: dict | None, dist: Di
     train_counts = dataset.class_counts("train")
     train_samples = dataset.split("train") + (soft_targets.unlabeled if soft_targets is not None else [])
     teacher_rows = soft_targets.rows_for(train_samples) if soft_targets is not None else None
+    view_mixing = soft_targets.mixing_for(train_samples) if soft_targets is not None else None
     log(f"data: {len(dataset.split('train'))} train, {len(dataset.split('val'))} val"
         f"{' (split from train)' if dataset.val_source == 'from-train' else ''}, {num_classes} classes"
         + (f"; {len(dataset.excluded)} left out (--exclude {cfg.exclude})" if dataset.excluded else "")
@@ -299,7 +300,7 @@ def _train(cfg: FinetuneConfig, run: RunDir, resume_state: dict | None, dist: Di
         views = None
         if soft_targets is not None:  # the views the teacher saw, each with the teacher's output for it
             views = ViewDataset(train_samples, ViewRenderer(dcfg, soft_targets.spec),
-                                cycling_views(soft_targets.spec.count, epoch), teacher_rows)
+                                cycling_views(soft_targets.spec.count, epoch), teacher_rows, mixing=view_mixing)
         return loaders.train_loader(train_samples, train_tf, batch_size=cfg.batch_size, workers=workers,
                                     generator=generator, num_classes=num_classes, balanced=cfg.balance == "sampler",
                                     drop_last=mixup is not None, pin_memory=pin,

@@ -8,6 +8,12 @@ random resized crops (area ``crop_scale``..1, aspect 3/4..4/3, timm's and torchv
 horizontal flip of probability ``hflip``, drawn from a generator keyed by (seed, view, sample id), so a view
 is the same whatever the order, batch or process that draws it. The teacher's outputs for each view are
 computed once (``zoo.pipeline.distill``); the student's epochs cycle through them (``view_of``).
+
+With ``mix`` > 0 a view 1.. is also a mixup of two images (Beyer et al.'s "function matching"): the image's
+crop, times a weight drawn from Beta(mix, mix), plus a partner image's crop of the same view index times the
+rest. The partner is drawn (``mix_partners``) among the images of the same group (those the same fold models
+teach, so an out-of-fold target stays out of fold), and the teacher's output is for the mixed pixels, so with
+N images the student meets N x (V - 1) new images that teacher and student see alike.
 """
 
 from __future__ import annotations
@@ -34,15 +40,58 @@ class ViewSpec:
     seed: int = 0
     crop_scale: float = 0.35
     hflip: float = 0.5
+    mix: float = 0.0  # views 1.. mixed with a partner image by a Beta(mix, mix) weight; 0: no mixing
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        spec = asdict(self)
+        if not self.mix:  # as recorded before mixing existed, so those caches and configs still match
+            del spec["mix"]
+        return spec
+
+
+def _sample_key(sample_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(sample_id.encode()).digest()[:8], "little")
+
+
+@dataclass
+class ViewMixing:
+    """Which partner each view of each image is mixed with: ``partners`` [N, V] (a row index into the same images, -1:
+    not mixed) and ``weights`` [N, V] (the image's own share of the pixels; 1 where not mixed)."""
+
+    partners: np.ndarray
+    weights: np.ndarray
+
+    def mixed(self, row: int, view: int) -> bool:
+        return bool(self.partners[row, view] >= 0)
+
+
+def mix_partners(spec: ViewSpec, ids: Sequence[str], groups: Sequence[Any]) -> ViewMixing | None:
+    """The partners and weights of every view of the images ``ids``: view v (1..) of image i is mixed with another image
+    of i's group (``groups[i]``; uniformly among them, drawn from a generator keyed by (seed, view, image id), so it
+    does not depend on the order of ``ids``) with i's weight from Beta(mix, mix). None when ``spec.mix`` is 0."""
+    if not spec.mix:
+        return None
+    n, v = len(ids), spec.count
+    partners, weights = np.full((n, v), -1, dtype=np.int64), np.ones((n, v), dtype=np.float32)
+    members: dict[Any, list[int]] = {}
+    for i, group in enumerate(groups):
+        members.setdefault(group, []).append(i)
+    for rows in members.values():
+        rows = sorted(rows, key=lambda i: ids[i])  # by id: the same draw for the same images in any order
+        if len(rows) < 2:
+            continue  # no partner: the image's views stay unmixed
+        for place, i in enumerate(rows):
+            for view in range(1, v):
+                rng = np.random.default_rng([spec.seed, view, _sample_key(ids[i]), 1])  # 1: apart from the crop's draw
+                other = int(rng.integers(len(rows) - 1))
+                partners[i, view] = rows[other + (other >= place)]  # any of the group but itself
+                weights[i, view] = rng.beta(spec.mix, spec.mix)
+    return ViewMixing(partners, weights)
 
 
 def view_params(spec: ViewSpec, sample_id: str, view: int, width: int, height: int) -> tuple[tuple[int, int, int, int], bool]:
     """The crop box (top, left, height, width, in source pixels) and flip of ``view`` (1..) of an image of this size."""
-    key = int.from_bytes(hashlib.sha256(sample_id.encode()).digest()[:8], "little")
-    rng = np.random.default_rng([spec.seed, view, key])
+    rng = np.random.default_rng([spec.seed, view, _sample_key(sample_id)])
     area = width * height
     log_ratio = (math.log(3 / 4), math.log(4 / 3))
     box = None
@@ -71,9 +120,19 @@ class ViewRenderer:
         self.mean, self.std = list(data_config["mean"]), list(data_config["std"])
         self.centre = loaders.eval_transform(data_config)
 
-    def __call__(self, image, sample_id: str, view: int) -> torch.Tensor:
+    def __call__(self, image, sample_id: str, view: int, partner: tuple[Any, str] | None = None,
+                 weight: float = 1.0) -> torch.Tensor:
+        """``image`` (PIL) in ``view``; with ``partner`` (its PIL image and id), mixed with the partner's crop of the
+        same view: ``weight`` x this one + (1 - ``weight``) x the partner's (normalisation is affine, so mixing the
+        normalised tensors mixes the pixels)."""
         if view == 0:
             return self.centre(image)
+        own = self._crop(image, sample_id, view)
+        if partner is None:
+            return own
+        return own.mul_(weight).add_(self._crop(*partner, view), alpha=1.0 - weight)
+
+    def _crop(self, image, sample_id: str, view: int) -> torch.Tensor:
         (top, left, h, w), flip = view_params(self.spec, sample_id, view, *image.size)
         crop = TF.resized_crop(image, top, left, h, w, list(self.size), interpolation=self.interpolation)
         if flip:
@@ -85,17 +144,25 @@ class ViewDataset(ImageDataset):
     """A map dataset of (rendered view, label, index[, target]): item ``i`` is sample ``i`` in view ``view_of(i)``.
 
     ``targets`` [N, V, C] (the teacher's log-probabilities per view), when given, adds the row of the very view
-    that was rendered, so a student's batch carries the teacher's output for what it sees."""
+    that was rendered, so a student's batch carries the teacher's output for what it sees. ``mixing`` (partners
+    as indices into ``samples``) mixes views as the teacher saw them; a mixed view has no one hard label, so its
+    label is -1 (taught by the teacher alone, as an unlabeled image)."""
 
     def __init__(self, samples: Sequence[Sample], renderer: ViewRenderer, view_of: Callable[[int], int],
-                 targets: torch.Tensor | None = None, images: Callable[[int], Any] | None = None):
+                 targets: torch.Tensor | None = None, images: Callable[[int], Any] | None = None,
+                 mixing: ViewMixing | None = None):
         super().__init__(samples, renderer, images)  # the renderer is the transform, given the view
         self.view_of = view_of
         self.targets = targets
+        self.mixing = mixing
 
     def __getitem__(self, index: int):
         sample, view = self.samples[index], self.view_of(index)
-        item = (self.transform(self.image(index), sample.id, view), sample.label, index)
+        label, partner, weight = sample.label, None, 1.0
+        if self.mixing is not None and self.mixing.mixed(index, view):
+            other = int(self.mixing.partners[index, view])
+            label, partner, weight = -1, (self.image(other), self.samples[other].id), float(self.mixing.weights[index, view])
+        item = (self.transform(self.image(index), sample.id, view, partner, weight), label, index)
         return item if self.targets is None else item + (self.targets[index, view],)
 
 
@@ -116,6 +183,26 @@ class SoftTargets:
     log_probs: np.ndarray
     spec: ViewSpec
     unlabeled: list[Sample]
+    mixing: ViewMixing | None = None  # partners as rows of ``ids``
+
+    def mixing_for(self, samples: Sequence[Sample]) -> ViewMixing | None:
+        """``mixing`` for ``samples`` (in their order, as ``rows_for``), partners as indices into ``samples``."""
+        from zoo.errors import UserInputError
+
+        if self.mixing is None:
+            return None
+        row = {sample_id: i for i, sample_id in enumerate(self.ids)}
+        place = np.full(len(self.ids), -1, dtype=np.int64)
+        place[[row[s.id] for s in samples]] = np.arange(len(samples))
+        rows = [row[s.id] for s in samples]
+        partners, weights = self.mixing.partners[rows], self.mixing.weights[rows]
+        mapped = np.where(partners >= 0, place[np.maximum(partners, 0)], -1)
+        lost = (partners >= 0) & (mapped < 0)
+        if lost.any():
+            i = int(np.argwhere(lost)[0][0])
+            raise UserInputError(f"training image {samples[i].id} was mixed, for its teacher, with an image that is no longer "
+                                 f"in the training set ({self.ids[int(partners[lost][0])]}): run `zoo distill` again into a new --out")
+        return ViewMixing(mapped, weights)
 
     def rows_for(self, samples: Sequence[Sample]) -> torch.Tensor:
         """The teacher's rows [len(samples), V, C] of ``samples``, in their order; every one must have a row."""

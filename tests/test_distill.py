@@ -183,6 +183,83 @@ def test_student_trains_on_the_view_the_teacher_saw_and_uses_unlabeled_images(me
     assert json.loads(run.result.read_text())["best_epoch"] == 2  # the last epoch: nothing chosen on val/
 
 
+def test_a_mixed_view_is_taught_by_the_fold_models_that_held_out_both_images(members):
+    from ensemble.file import read_ensemble
+    from finetune.inference import load_run
+    from finetune.views import ViewRenderer, ViewSpec
+    from zoo.data import load_rgb
+    from zoo.folds import read_folds
+    from zoo.pipeline.distill import teacher_log_probs, view_mixing
+
+    root, data, ens_file = members
+    samples, ens = _pool(data), read_ensemble(ens_file)
+    runs = [m.run for m in ens.members]
+    spec = ViewSpec(3, seed=0, mix=1.0)
+    folds = read_folds(root / "eff")["folds"]
+    mixing = view_mixing(runs, samples, spec, "oof")
+    assert (mixing.partners[:, 0] == -1).all() and (mixing.partners[:, 1:] >= 0).all()  # the centre view: never mixed
+    rows, views = np.nonzero(mixing.partners >= 0)  # partners are held out by the same fold models
+    assert all(folds[samples[i].id] == folds[samples[mixing.partners[i, v]].id] for i, v in zip(rows, views))
+    assert 0 < mixing.weights[:, 1:].min() and mixing.weights[:, 1:].max() < 1 and mixing.weights[:, 0].max() == 1
+    every = view_mixing(runs, samples, spec, "all")
+    assert any(folds[samples[i].id] != folds[samples[p].id] for i, p in enumerate(every.partners[:, 1]))  # with all: any two
+    # The same draw whatever the order of the images.
+    reordered = view_mixing(runs, samples[::-1], spec, "oof")
+    n = len(samples)
+    np.testing.assert_array_equal(n - 1 - reordered.partners[::-1, 1:], mixing.partners[:, 1:])
+    targets = teacher_log_probs(ens, runs, samples, spec, "oof", progress=False, mixing=mixing)
+    i, view = 3, 2
+    j, weight = int(mixing.partners[i, view]), float(mixing.weights[i, view])
+    by_hand = []
+    for member in ens.members:  # the fold model that held out both images, on the mixed pixels
+        model, config = load_run(f"{member.run}/fold-{folds[samples[i].id]}")
+        renderer = ViewRenderer(config["data_config"], spec)
+        own, other = renderer(load_rgb(samples[i].path), samples[i].id, view), renderer(load_rgb(samples[j].path), samples[j].id, view)
+        mixed = renderer(load_rgb(samples[i].path), samples[i].id, view, (load_rgb(samples[j].path), samples[j].id), weight)
+        torch.testing.assert_close(mixed, weight * own + (1 - weight) * other)
+        with torch.no_grad():
+            by_hand.append(model(mixed[None]).float().log_softmax(1).numpy())
+    np.testing.assert_allclose(targets[i, view], ens.predict_log_proba(by_hand)[0], atol=1e-4)
+
+
+def test_the_student_sees_the_mixed_view_its_teacher_saw(members, tmp_path, monkeypatch):
+    from finetune import views
+    from finetune.views import ViewRenderer
+    from zoo.data import load_rgb
+    from zoo.pipeline.distill import read_teacher_targets
+    from zoo.rundir import RunDir
+
+    seen = []
+    original = views.ViewDataset.__getitem__
+
+    def record(self, index):
+        item = original(self, index)
+        seen.append((self.samples[index], self.view_of(index), item[0], item[1], item[3]))
+        return item
+    monkeypatch.setattr(views.ViewDataset, "__getitem__", record)
+    _distil(members, tmp_path / "student", view_mixup=0.5, epochs=1, alpha=0.5)
+    run = RunDir(tmp_path / "student")
+    config, targets = run.read_config(), read_teacher_targets(run)
+    assert config["distill"]["view_mixup"] == 0.5 and targets.spec.mix == 0.5 and targets.mixing is not None
+    row = {sample_id: i for i, sample_id in enumerate(targets.ids)}
+    renderer = ViewRenderer(config["data_config"], targets.spec)
+    mixed = 0
+    for sample, view, image, label, target in seen:
+        r = row[sample.id]
+        assert torch.equal(target, torch.from_numpy(targets.log_probs[r, view]))
+        partner = int(targets.mixing.partners[r, view])
+        if partner < 0:
+            assert label == sample.label and torch.equal(image, renderer(load_rgb(sample.path), sample.id, view))
+            continue
+        mixed += 1
+        other = targets.ids[partner]
+        other_path = next(s.path for s, *_ in seen if s.id == other)
+        expected = renderer(load_rgb(sample.path), sample.id, view, (load_rgb(other_path), other),
+                            float(targets.mixing.weights[r, view]))
+        assert label == -1 and torch.equal(image, expected)  # no one hard label: the teacher's term alone
+    assert mixed == sum(v > 0 for _, v, *_ in seen) > 0
+
+
 def test_interrupted_distillation_resumes_bit_exact(members, tmp_path):
     from safetensors.torch import load_file
 
@@ -244,6 +321,7 @@ def _missing_member(members, tmp_path):
     ("missing", "run directory"),
     ("holdout", "holdout"),
     ("alpha", "--alpha must be in [0, 1]"),
+    ("mixup-alpha-1", "a mixed view has no one hard label"),
 ])
 def test_bad_inputs_are_one_line_each(members, tmp_path, case, message):
     from zoo.cli import main
@@ -260,6 +338,8 @@ def test_bad_inputs_are_one_line_each(members, tmp_path, case, message):
         extra = ["--unlabeled", str(data / "val")]
     elif case == "alpha":
         extra = ["--alpha", "1.5"]
+    elif case == "mixup-alpha-1":
+        extra = ["--alpha", "1", "--view-mixup", "1"]
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["distill", ens, "--data", str(data), "--student", student, "--out", str(out),
                                        "--no-pretrained", "--input-size", "32", "--threads", "1", *extra])

@@ -21,13 +21,17 @@ from zoo.pipeline.distill import DEFAULTS, TEACHERS
 @click.option("--views", default=DEFAULTS["views"], show_default=True, type=click.IntRange(min=1),
               help="views per image (view 0: the centre crop; the others seeded random crops and flips), the teacher's "
                    "outputs computed once for each; the student's epochs cycle through them")
+@click.option("--view-mixup", default=DEFAULTS["view_mixup"], show_default=True, type=click.FloatRange(min=0),
+              help="mix each view (but the centre one) with another image's view by a Beta(A, A) weight, the teacher "
+                   "labelling the mixed pixels (function matching); partners share their teaching fold models; 0: off")
 @click.option("--teacher", default=DEFAULTS["teacher"], show_default=True, type=click.Choice(list(TEACHERS)),
               help="; ".join(f"{k}: {v}" for k, v in TEACHERS.items()))
 @click.option("--unlabeled", multiple=True, type=click.Path(), help="folder of images without labels to distil on as well "
               "(repeatable; never the dataset's holdout)")
 @config_options
 @click.pass_context
-def distill_command(ctx, ensemble, data, student, out, alpha, temperature, views, teacher, unlabeled, resume, **options):
+def distill_command(ctx, ensemble, data, student, out, alpha, temperature, views, view_mixup, teacher, unlabeled, resume,
+                    **options):
     """Distil an ensemble into one model: train a student on the ensemble's calibrated probabilities.
 
     The teacher's outputs are computed once for VIEWS views of every training image (and of the
@@ -49,13 +53,13 @@ def distill_command(ctx, ensemble, data, student, out, alpha, temperature, views
     if not resume and (not ensemble or not student):
         raise click.UsageError("ENSEMBLE and --student are required, e.g. `zoo distill ens.json --data DIR --student "
                                "tf_efficientnet_lite0 --out RUN` (or --resume --out RUN)")
-    given = [f"--{name}" for name in ("alpha", "temperature", "views", "teacher")
+    given = [f"--{name.replace('_', '-')}" for name in ("alpha", "temperature", "views", "view_mixup", "teacher")
              if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE]
     if resume and (ensemble or student or data or unlabeled or given):
         raise click.UsageError("--resume continues the student in --out with its own ensemble, data, student and teacher "
                                "settings; drop ENSEMBLE, --data, --student, --unlabeled" + "".join(f", {g}" for g in given))
     result = distill(ensemble, data, student, out, alpha=alpha, temperature=temperature, views=views, teacher=teacher,
-                     unlabeled=unlabeled, resume=resume, **options)
+                     view_mixup=view_mixup, unlabeled=unlabeled, resume=resume, **options)
     click.echo(result.summary)
 
 

