@@ -5,12 +5,12 @@
 # on it) and with every fold model. Beside them the best lite0 zoo trains on labels alone (lpft0-2ep: LP-FT, 2
 # epochs, cross-fitted). val/ (153 images) is never trained, selected or fitted on: every number is scored on it.
 #
-#   bash examples/distill_hymenoptera.sh [DATA] [OUT]       EPOCHS=15 VIEWS=8 THREADS=2 CONTROLS=1 SELECT=1
+#   bash examples/distill_hymenoptera.sh [DATA] [OUT]       EPOCHS=15 VIEWS=8 THREADS=2 CONTROLS=1 MIX=1 SELECT=1
 #
 # The members, the teacher and the two students take about 26 minutes with THREADS=2 on an idle 2-core machine (the
-# table's latencies about 6 more). CONTROLS=1 adds two controls (about 12 minutes), SELECT=1 the recipe chosen on
-# train/ alone (about 18 minutes). Each step's wall time (the whole `zoo` command) goes to OUT/times.tsv; re-running
-# skips finished steps.
+# table's latencies about 6 more). CONTROLS=1 adds two controls (about 12 minutes), MIX=1 a student on 16 mixed views
+# (function matching, about 14 minutes), SELECT=1 the recipe chosen on train/ alone (about 35 minutes; after MIX=1).
+# Each step's wall time (the whole `zoo` command) goes to OUT/times.tsv; re-running skips finished steps.
 set -euo pipefail
 DATA=${1:-../shared/datasets/hymenoptera}
 OUT=${2:-runs/distill}
@@ -41,23 +41,33 @@ done
 # Controls on student-oof's cached teacher targets (same ensemble, teacher and views: the cache is reused, so their
 # times leave the teacher out): the same schedule on the hard labels alone (--alpha 1), and twice as many epochs.
 STUDENT=(zoo distill "$OUT/teacher.json" --student $(lite 0) "${THREADS[@]}" --teacher oof --views "$VIEWS" --head-init probe --temperature 1)
-cached() { mkdir -p "$OUT/$1" && cp -n "$OUT/student-oof/teacher_targets.safetensors" "$OUT/$1/"; }
+cached() { mkdir -p "$OUT/$1" && cp -n "$OUT/${2:-student-oof}/teacher_targets.safetensors" "$OUT/$1/"; }
 if [[ -n ${CONTROLS:-} ]]; then
   cached student-hard && member student-hard "${STUDENT[@]}" --epochs "$EPOCHS" --alpha 1 --out "$OUT/student-hard"
   cached student-oof-long && member student-oof-long "${STUDENT[@]}" --epochs $((2 * EPOCHS)) --alpha 0 --out "$OUT/student-oof-long"
 fi
+# Function matching (Beyer et al. 2022): 16 views, each but the centre one mixed with another image of the same fold by a
+# uniform weight (--view-mixup 1), the teacher labelling the mixed pixels; 20 epochs. Added after student-oof lost to
+# lpft0-2ep on val/; its settings were fixed before it ran.
+MIXED=(--views 16 --view-mixup 1)
+if [[ -n ${MIX:-} ]]; then
+  member student-oof-mix zoo distill "$OUT/teacher.json" --student $(lite 0) "${THREADS[@]}" --teacher oof "${MIXED[@]}" \
+    --epochs 20 --head-init probe --alpha 0 --temperature 1 --out "$OUT/student-oof-mix"
+fi
 # The student's recipe chosen on train/ alone (added after the fixed recipe above lost to lpft0-2ep on val/; the choice
 # itself never sees val/): each candidate trains on 80% of train/ (--val-from-train: the other 20%, seed 0, is its
 # validation split), is scored there at its last epoch, and the lowest log loss is trained again on all of train/.
-CANDIDATES=("" "--backbone-lr-mult 0.1" "--freeze 5" "--epochs $((2 * EPOCHS))")
+# Candidates 4 and 5 were added with MIX: the mixed views, and a gentler rate (their cached targets: the mixed ones).
+CANDIDATES=("" "--backbone-lr-mult 0.1" "--freeze 5" "--epochs $((2 * EPOCHS))" "${MIXED[*]}" "--lr 3e-4")
+targets_of() { [[ $1 == *view-mixup* ]] && echo student-oof-mix || echo student-oof; }
 if [[ -n ${SELECT:-} ]]; then
   for i in "${!CANDIDATES[@]}"; do
-    cached select-$i && member select-$i "${STUDENT[@]}" --epochs "$EPOCHS" --alpha 0 --val-from-train ${CANDIDATES[$i]} \
-      --out "$OUT/select-$i"
+    cached select-$i "$(targets_of "${CANDIDATES[$i]}")" && member select-$i "${STUDENT[@]}" --epochs "$EPOCHS" --alpha 0 \
+      --val-from-train ${CANDIDATES[$i]} --out "$OUT/select-$i"
   done
   BEST=$(python examples/distill_table.py --choose "$OUT" "${!CANDIDATES[@]}")
   echo "chosen on train/: candidate $BEST (${CANDIDATES[$BEST]:-the defaults})"
-  cached student-chosen && member student-chosen "${STUDENT[@]}" --epochs "$EPOCHS" --alpha 0 ${CANDIDATES[$BEST]} \
-    --out "$OUT/student-chosen"
+  cached student-chosen "$(targets_of "${CANDIDATES[$BEST]}")" && member student-chosen "${STUDENT[@]}" --epochs "$EPOCHS" \
+    --alpha 0 ${CANDIDATES[$BEST]} --out "$OUT/student-chosen"
 fi
 python examples/distill_table.py "$OUT"

@@ -37,6 +37,8 @@ ROWS = {  # name: (holdout prediction file under OUT, runs timed for latency, st
                      "control: the same lite0 run on labels alone (--alpha 1)"),
     "student-oof-long": ("student-oof-long/predictions/val.safetensors", ["student-oof-long"], ["student-oof-long"],
                          "lite0 distilled, out-of-fold teacher, longer"),
+    "student-oof-mix": ("student-oof-mix/predictions/val.safetensors", ["student-oof-mix"], ["student-oof-mix"],
+                        "lite0 distilled, out-of-fold teacher, mixed views (function matching)"),
     "student-chosen": ("student-chosen/predictions/val.safetensors", ["student-chosen"], ["student-chosen"],
                        "lite0 distilled, out-of-fold teacher, recipe chosen on 20% of train/"),
 }
@@ -64,7 +66,9 @@ def main(out: Path) -> None:
         config = json.loads((out / name / "config.json").read_text()) if name.startswith("student") else {}
         if config:
             d = config["distill"]
-            how += f" ({config['options']['epochs']} epochs, {d['views']} views, alpha {d['alpha']:g}, T {d['temperature']:g})"
+            mixed = f", mixed by Beta({d['view_mixup']:g}, {d['view_mixup']:g})" if d.get("view_mixup") else ""
+            how += (f" ({config['options']['epochs']} epochs, {d['views']} views{mixed}, alpha {d['alpha']:g}, "
+                    f"T {d['temperature']:g})")
             spent = f"{seconds:.0f} s (+ teacher {teacher_time:.0f} s)"
         else:
             spent = f"{seconds:.0f} s"

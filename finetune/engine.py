@@ -206,7 +206,9 @@ class Trainer:
                 self._update()
                 updates += 1
             loss_sum += loss.detach().double() * labels.shape[0]
-            correct += (logits.detach().argmax(1) == labels).sum()
+            # An unlabeled image or a mixed view (label -1) counts against the teacher's top class.
+            reference = labels if not teacher else torch.where(labels >= 0, labels, teacher[0].to(labels.device).argmax(1))
+            correct += (logits.detach().argmax(1) == reference).sum()
             bad |= ~torch.isfinite(loss.detach())
             seen += labels.shape[0]
             every_10 = i % 10 == 9 or i + 1 == n_batches
