@@ -258,6 +258,15 @@ def test_the_student_sees_the_mixed_view_its_teacher_saw(members, tmp_path, monk
                             float(targets.mixing.weights[r, view]))
         assert label == -1 and torch.equal(image, expected)  # no one hard label: the teacher's term alone
     assert mixed == sum(v > 0 for _, v, *_ in seen) > 0
+    # Targets mixed among other images (here: a validation split taken from train) are not reused: they are made again.
+    import shutil
+
+    other = tmp_path / "split"
+    other.mkdir()
+    shutil.copy(run.teacher_targets, other / run.teacher_targets.name)
+    _distil(members, other, view_mixup=0.5, epochs=1, alpha=0.5, val_from_train=True)
+    remade = read_teacher_targets(RunDir(other))
+    assert len(remade.ids) < len(targets.ids) and (remade.mixing.partners < len(remade.ids)).all()
 
 
 def test_interrupted_distillation_resumes_bit_exact(members, tmp_path):

@@ -15,6 +15,7 @@ without knowing of ensembles.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -116,6 +117,9 @@ def distill(ensemble: str | os.PathLike, data: str | os.PathLike | None, student
                        unlabeled=[str(Path(u).resolve()) for u in unlabeled], unlabeled_images=len(extra),
                        members=[m.name for m in ens.members])
     key = {k: cfg.distill[k] for k in ("ensemble_sha256", "teacher", "views_spec", "unlabeled")}
+    if spec.mix:  # partners are drawn among the images taught: targets made for other images (another split) do not fit
+        ids = "\n".join(sorted(s.id for s in dataset.split("train") + extra))
+        key["images_sha256"] = hashlib.sha256(ids.encode()).hexdigest()
 
     with hold_folder(run.root):  # one writer; released before training, which takes it again
         targets = read_teacher_targets(run, key) if run.teacher_targets.is_file() else None
