@@ -259,6 +259,8 @@ ROWS: list[tuple[list[str], str]] = [
         (E + "not_json.json", "not_json.json"), (P + "good1.safetensors", "good1.safetensors"))],
     ([*DISTILL[:1], E + "data_classes.json", *DISTILL[1:], "--alpha", "1.5"], "--alpha"),
     ([*DISTILL[:1], E + "data_classes.json", *DISTILL[1:], "--temperature", "0"], "--temperature"),
+    ([*DISTILL[:1], E + "data_classes.json", *DISTILL[1:], "--view-mixup", "-1"], "--view-mixup"),
+    ([*DISTILL[:1], E + "data_classes.json", *DISTILL[1:], "--view-mixup", "1", "--alpha", "1"], "--view-mixup"),
     ([*DISTILL[:1], E + "data_classes.json", *DISTILL[1:], "--unlabeled", "{data}/val"], "holdout"),
     ([*DISTILL[:1], E + "data_classes.json", *DISTILL[1:], "--unlabeled", "{world}/nowhere"], "nowhere"),
     (["distill", E + "data_classes.json", "--data", "{data}", "--student", "no_such_net", "--out", "{out}", *TINY], "no_such_net"),
