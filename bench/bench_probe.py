@@ -20,6 +20,7 @@ Problems (``--problems``):
 
     python bench/bench_probe.py                                   # all three: ~6 min, + ~2.5 min extracting
     python bench/bench_probe.py --problems synthetic              # ~45 s
+    python bench/bench_probe.py --problems large --exact          # + the exact optimum at the chosen C
     python bench/bench_probe.py --problems hymenoptera --feature-cache /tmp/lite0.npz    # extract once
 """
 
@@ -224,7 +225,7 @@ def bench_hymenoptera(rows: list[dict], cache: str | None) -> None:
     compare("hymenoptera lite0, 1 + 8 views", (data["x"], data["y"], data["groups"]), held, classes, rows)
 
 
-def bench_large(rows: list[dict]) -> None:
+def bench_large(rows: list[dict], exact: bool = False) -> None:
     x, y, hx, hy = cnn_like_features(20000, 1536, 100, signal=0.2, seed=1, n_test=5000)
     print("# large: generated", flush=True)
     probe, row = compare("large", (x, y, None), (hx, hy), 100, rows, old=False)
@@ -232,6 +233,30 @@ def bench_large(rows: list[dict]) -> None:
     add_estimates(row, old_grid_estimates(x, y, probe.C_), rows)
     for estimate in rows[-2:]:
         estimate["note"] += "; " + row["note"]
+    if exact:
+        exact_check(x, y, hx, hy, probe.C_, 100)
+
+
+def exact_check(x, y, hx, hy, C: float, num_classes: int) -> None:
+    """At the chosen C of the large problem: how far each fit at the gradient tolerance stops from the exact optimum
+    (scikit-learn, tol 1e-9), by held-out log loss; a flat valley shows as losses far apart."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+
+    mean, scale = x.mean(0, dtype=np.float64), x.std(0, dtype=np.float64)
+    scale[scale < 1e-12] = 1.0
+    z, hz = (x - mean) / scale, (hx - mean) / scale
+    labels = range(num_classes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        exact = LogisticRegression(C=C, tol=1e-9, max_iter=5000).fit(z, y)
+        default = LogisticRegression(C=C, max_iter=2000).fit(z, y)
+    one_c = LinearProbe(Cs=[C]).fit(x, y, num_classes)
+    for name, p in (("exact (scikit-learn, tol 1e-9, %d iterations)" % int(np.max(exact.n_iter_)), exact.predict_proba(hz)),
+                    ("scikit-learn at its default tol", default.predict_proba(hz)),
+                    ("zoo's fit at this one C, cold start", one_c.predict_proba(hx))):
+        print(f"#   at C {C:.3g}: {name}: held-out log loss {log_loss(hy, p, labels=labels):.4f}", flush=True)
 
 
 def print_table(rows: list[dict]) -> None:
@@ -263,6 +288,9 @@ def main(argv=None) -> int:
                         help="comma-separated: synthetic, hymenoptera, large")
     parser.add_argument("--feature-cache", default=None,
                         help="an .npz of the hymenoptera features: read if it exists, else written after extracting")
+    parser.add_argument("--exact", action="store_true",
+                        help="large: also fit the exact optimum at the chosen C (about 2 more minutes) and print how far "
+                             "each fit at the tolerance stops from it")
     args = parser.parse_args(argv)
     problems = [p.strip() for p in args.problems.split(",")]
     unknown = sorted(set(problems) - {"synthetic", "hymenoptera", "large"})
@@ -281,7 +309,7 @@ def main(argv=None) -> int:
         if "hymenoptera" in problems:
             bench_hymenoptera(rows, args.feature_cache)
         if "large" in problems:
-            bench_large(rows)
+            bench_large(rows, args.exact)
     print_table(rows)
     print(f"bench took {time.perf_counter() - start:.0f} s")
     return 0
