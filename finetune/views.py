@@ -140,6 +140,16 @@ class ViewRenderer:
         return TF.normalize(TF.to_tensor(crop), self.mean, self.std)
 
 
+def render_view(renderer: ViewRenderer, image_of: Callable[[int], Any], id_of: Callable[[int], str], index: int, view: int,
+                mixing: ViewMixing | None = None) -> torch.Tensor:
+    """Image ``index`` in ``view``, mixed with its partner where ``mixing`` says so (partners as indices of the same
+    images): the one way the teacher's pass and the student's dataset render a view, so both see the same pixels."""
+    if mixing is None or not mixing.mixed(index, view):
+        return renderer(image_of(index), id_of(index), view)
+    other = int(mixing.partners[index, view])
+    return renderer(image_of(index), id_of(index), view, (image_of(other), id_of(other)), float(mixing.weights[index, view]))
+
+
 class ViewDataset(ImageDataset):
     """A map dataset of (rendered view, label, index[, target]): item ``i`` is sample ``i`` in view ``view_of(i)``.
 
@@ -157,12 +167,10 @@ class ViewDataset(ImageDataset):
         self.mixing = mixing
 
     def __getitem__(self, index: int):
-        sample, view = self.samples[index], self.view_of(index)
-        label, partner, weight = sample.label, None, 1.0
-        if self.mixing is not None and self.mixing.mixed(index, view):
-            other = int(self.mixing.partners[index, view])
-            label, partner, weight = -1, (self.image(other), self.samples[other].id), float(self.mixing.weights[index, view])
-        item = (self.transform(self.image(index), sample.id, view, partner, weight), label, index)
+        view = self.view_of(index)
+        mixed = self.mixing is not None and self.mixing.mixed(index, view)
+        image = render_view(self.transform, self.image, lambda i: self.samples[i].id, index, view, self.mixing)
+        item = (image, -1 if mixed else self.samples[index].label, index)
         return item if self.targets is None else item + (self.targets[index, view],)
 
 
@@ -191,10 +199,9 @@ class SoftTargets:
 
         if self.mixing is None:
             return None
-        row = {sample_id: i for i, sample_id in enumerate(self.ids)}
+        rows = self._rows(samples)
         place = np.full(len(self.ids), -1, dtype=np.int64)
-        place[[row[s.id] for s in samples]] = np.arange(len(samples))
-        rows = [row[s.id] for s in samples]
+        place[rows] = np.arange(len(samples))
         partners, weights = self.mixing.partners[rows], self.mixing.weights[rows]
         mapped = np.where(partners >= 0, place[np.maximum(partners, 0)], -1)
         lost = (partners >= 0) & (mapped < 0)
@@ -206,6 +213,10 @@ class SoftTargets:
 
     def rows_for(self, samples: Sequence[Sample]) -> torch.Tensor:
         """The teacher's rows [len(samples), V, C] of ``samples``, in their order; every one must have a row."""
+        return torch.from_numpy(np.ascontiguousarray(self.log_probs[self._rows(samples)], dtype=np.float32))
+
+    def _rows(self, samples: Sequence[Sample]) -> list[int]:
+        """Each sample's row in ``ids``; every one must have a row."""
         from zoo.errors import UserInputError
 
         row = {sample_id: i for i, sample_id in enumerate(self.ids)}
@@ -213,4 +224,4 @@ class SoftTargets:
         if missing:
             raise UserInputError(f"{len(missing)} training image(s) have no teacher targets, e.g. {missing[0]}; the teacher's "
                                  "targets were computed for other images: run `zoo distill` again into a new --out")
-        return torch.from_numpy(np.ascontiguousarray(self.log_probs[[row[s.id] for s in samples]], dtype=np.float32))
+        return [row[s.id] for s in samples]

@@ -227,7 +227,7 @@ def member_view_log_probs(run: str | os.PathLike, samples: Sequence[Sample], spe
     import torch
 
     from finetune.inference import load_run, shared_backbone
-    from finetune.views import ViewRenderer
+    from finetune.views import ViewRenderer, render_view
     from zoo.data import load_rgb
 
     run_dir = RunDir(run)
@@ -252,18 +252,13 @@ def member_view_log_probs(run: str | os.PathLike, samples: Sequence[Sample], spe
     per_batch = max(1, batch_size // v)
     image_of = lru_cache(maxsize=512)(lambda i: load_rgb(samples[i].path))  # partners come back often
 
-    def render(i: int, view: int):
-        if mixing is None or not mixing.mixed(i, view):
-            return renderer(image_of(i), samples[i].id, view)
-        other = int(mixing.partners[i, view])
-        return renderer(image_of(i), samples[i].id, view, (image_of(other), samples[other].id), float(mixing.weights[i, view]))
-
     with progress_bar(total, f"teacher {run_dir.root.name}", unit="views", enabled=progress) as bar, torch.inference_mode():
         for load, rows, columns in passes:
             forward = load()
             for start in range(0, len(rows), per_batch):
                 chunk = rows[start:start + per_batch]
-                images = [render(i, view) for i in chunk for view in range(v)]
+                images = [render_view(renderer, image_of, lambda j: samples[j].id, i, view, mixing)
+                          for i in chunk for view in range(v)]
                 x = torch.stack(images).to(hardware.device)
                 if hardware.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)

@@ -101,8 +101,7 @@ def run_zoo(data: str | os.PathLike, out: str | os.PathLike, members: Sequence[M
     tracking = Tracking(mlflow=given.get("mlflow", shared.get("mlflow")))
     run = ZooRun(data, layout, members, shared, given, folds, fold_seed, cv, max_latency, latency_repeats, latency_backend,
                  device, threads, title, log, listing, RunResult(layout.root, "finished"), start, tracking, None, budget,
-                 clock, (launch or LaunchOptions()).validate())
-    run.distill = distill
+                 clock, (launch or LaunchOptions()).validate(), distill=distill)
     check_resources(run.launch, device)  # --jobs x --gpus-per-job must fit this machine, known before anything is written
     check_members(run)
     with hold_folder(layout.root):  # a second `zoo run` on this --out refuses while this one works
